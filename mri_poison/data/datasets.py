@@ -1,0 +1,173 @@
+"""Train/val splits of preprocessed cases from the phantom, a BraTS-format folder, or a TFDS dataset.
+
+Whatever the source, cases are ordered by `case_id` (natural order) and split by a permutation drawn from `data_cfg.seed`, so
+the same config always gives the same split, and the phantom source, the `brats_phantom` TFDS build and a
+`write_brats_dir` folder of the same cases agree on which cases are validation.
+"""
+from __future__ import annotations
+
+import re
+
+import ml_collections
+import numpy as np
+
+from mri_poison.data.case import MODALITIES, Case, DataError
+
+SOURCES = ("phantom", "brats", "tfds")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Defaults every study config starts from (CPU-sized; override shape/patch_shape for real runs)."""
+  return ml_collections.ConfigDict(dict(
+      source="phantom",  # "phantom" | "brats" (folder at `root`) | "tfds" (`tfds_name` under `data_dir`)
+      root="",  # BraTS / MSD dataset root for source="brats" (and the manual dir when building tfds "brats/*")
+      tfds_name="brats_phantom/vol32",
+      data_dir="",  # TFDS data dir ("" = TFDS default)
+      tfds_split="train",
+      n_cases=16,  # phantom: cases generated; brats/tfds: first n_cases by case_id (0 = all)
+      n_val=4,
+      phantom_shape=(48, 48, 48),  # phantom head grid before preprocessing
+      shape=(32, 32, 32),  # grid after preprocessing (crop to brain + pad/crop)
+      modalities=MODALITIES,
+      seed=0,
+      mode="3d",  # "3d" patches | "2d" axial slices
+      patch_shape=(32, 32, 32),  # (X, Y) in mode "2d"
+      fg_fraction=0.5,  # patches centred on a tumour voxel with this probability
+      tumour_fraction=0.5,  # 2d: slices drawn from the tumour's slices with this probability
+      batch_size=2,  # global batch; each process yields batch_size // process_count
+      augment=dict(flip=True, scale=0.1, shift=0.1),
+      read_threads=4,  # grain reader threads
+      prefetch=4,  # batches prefetched
+  ))
+
+
+def phantom_seed(seed: int, index: int) -> int:
+  """Seed of the `index`-th phantom case; the same as `phantom.write_brats_dir` and the TFDS builder use."""
+  return int(seed) + int(index)
+
+
+def load_splits(data_cfg) -> dict[str, list[Case]]:
+  """{"train": [...], "val": [...]} of cases preprocessed to `data_cfg.shape`."""
+  source = str(data_cfg.source)
+  n_cases, n_val = int(data_cfg.n_cases), int(data_cfg.n_val)
+  shape = _shape(data_cfg.shape, "data_cfg.shape")
+  modalities = tuple(data_cfg.modalities)
+  if n_cases < 0:
+    raise DataError(f"data_cfg.n_cases: expected >= 0, got {n_cases}")
+  if n_val < 0 or (n_cases and n_val >= n_cases):
+    raise DataError(f"data_cfg.n_val: expected 0 <= n_val < data_cfg.n_cases={n_cases}, got {n_val}")
+  if source == "phantom":
+    if n_cases < 1:
+      raise DataError("data_cfg.n_cases: the phantom source needs n_cases >= 1")
+    cases = phantom_cases(n_cases, seed=int(data_cfg.seed), phantom_shape=data_cfg.phantom_shape,
+                          shape=shape, modalities=modalities)
+  elif source == "brats":
+    cases = _folder_cases(str(data_cfg.root or ""), n_cases, shape, modalities)
+  elif source == "tfds":
+    cases = _tfds_cases(data_cfg, n_cases, shape, modalities)
+  else:
+    raise DataError(f"data_cfg.source: expected one of {SOURCES}, got {source!r}")
+  cases = sorted(cases, key=lambda c: case_sort_key(c.case_id))
+  if n_cases:
+    cases = cases[:n_cases]
+  if n_val >= len(cases):
+    raise DataError(f"data_cfg.n_val: {n_val} validation cases leave no training case out of {len(cases)} "
+                    f"(data_cfg.n_cases={n_cases}, source={source!r})")
+  val_index = set(split_indices(len(cases), n_val, int(data_cfg.seed)))
+  return {"train": [c for i, c in enumerate(cases) if i not in val_index],
+          "val": [c for i, c in enumerate(cases) if i in val_index]}
+
+
+def case_sort_key(case_id: str) -> list:
+  """Natural order of case ids ("phantom-2" before "phantom-10")."""
+  return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", case_id)]
+
+
+def split_indices(n: int, n_val: int, seed: int) -> list[int]:
+  """Sorted indices of the validation cases among `n` cases ordered by case_id."""
+  return sorted(int(i) for i in np.random.default_rng(seed).permutation(n)[:n_val])
+
+
+def phantom_cases(n_cases: int, *, seed: int, phantom_shape, shape, modalities=MODALITIES) -> list[Case]:
+  """`n_cases` phantom heads (seeds `phantom_seed(seed, i)`) preprocessed to the grid `shape`."""
+  from mri_poison.data.phantom import make_case
+  from mri_poison.data.preprocess import preprocess_case
+  phantom_shape = _shape(phantom_shape, "data_cfg.phantom_shape")
+  return [preprocess_case(make_case(phantom_seed(seed, i), shape=phantom_shape, modalities=tuple(modalities)),
+                          shape=tuple(shape))
+          for i in range(n_cases)]
+
+
+def case_from_record(record, name: str = "<record>") -> Case:
+  """A Case from a TFDS volume record (see mri_poison.data.tfds)."""
+  image = np.asarray(record["image"], np.float32)
+  if image.ndim != 4:
+    raise DataError(f"TFDS {name}: records hold {image.ndim - 1}D images {image.shape}; Cases need 3D volumes "
+                    "(use a vol* config, or feed 2D slice records to pipeline.train_iterator directly)")
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  return Case(image=image, modalities=tuple(text(record["modalities"]).split(",")),
+              label=np.asarray(record["label"], np.int32), affine=np.asarray(record["affine"], np.float64),
+              spacing=tuple(float(s) for s in record["spacing"]), case_id=text(record["case_id"]))
+
+
+def select_modalities(case: Case, modalities, where: str) -> Case:
+  """The case restricted/reordered to `modalities`."""
+  modalities = tuple(modalities)
+  if case.modalities == modalities:
+    return case
+  missing = [m for m in modalities if m not in case.modalities]
+  if missing:
+    raise DataError(f"{where}: case {case.case_id} lacks modalities {missing} (has {case.modalities}); "
+                    "check data_cfg.modalities")
+  index = [case.modalities.index(m) for m in modalities]
+  return case.replace(image=np.ascontiguousarray(case.image[..., index]), modalities=modalities)
+
+
+def _folder_cases(root, n_cases, shape, modalities):
+  if not root:
+    raise DataError("data_cfg.root: source='brats' needs the dataset root folder")
+  from mri_poison.data.loaders import list_cases, load_case
+  from mri_poison.data.preprocess import preprocess_case
+  refs = sorted(list_cases(root))
+  if not refs:
+    raise DataError(f"data_cfg.root: no cases found under {root}")
+  # BraTS case ids are the folder names, so the first n_cases refs are the first n_cases by id.
+  cases = [preprocess_case(load_case(ref, modalities), shape=shape) for ref in refs[:n_cases or None]]
+  return [select_modalities(c, modalities, f"data_cfg.root={root}") for c in cases]
+
+
+def tfds_source(data_cfg):
+  """Random-access source of TFDS `data_cfg.tfds_name` split `data_cfg.tfds_split` (for pipeline.train_iterator).
+
+  Builds the dataset as array_record first if it is not there yet (brats_phantom needs nothing; brats reads
+  the BraTS folder at `data_cfg.root` as its manual dir, see mri_poison.data.tfds.brats).
+  """
+  import tensorflow_datasets as tfds
+  import mri_poison.data.tfds  # noqa: F401  registers the brats / brats_phantom builders
+  name = str(data_cfg.tfds_name)
+  prepare = {}
+  if data_cfg.get("root"):
+    prepare["download_config"] = tfds.download.DownloadConfig(manual_dir=str(data_cfg.root))
+  try:
+    return tfds.data_source(name, data_dir=str(data_cfg.data_dir) or None, split=str(data_cfg.tfds_split),
+                            builder_kwargs={"file_format": "array_record"}, download_and_prepare_kwargs=prepare)
+  except Exception as e:  # tfds raises several types for unknown / unprepared datasets
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(f"data_cfg.tfds_name={name!r} (data_dir={data_cfg.data_dir!r}): cannot open the TFDS "
+                    f"dataset: {reason}") from e
+
+
+def _tfds_cases(data_cfg, n_cases, shape, modalities):
+  from mri_poison.data.preprocess import pad_or_crop
+  name = str(data_cfg.tfds_name)
+  source = tfds_source(data_cfg)
+  cases = [case_from_record(source[i], name) for i in range(len(source))]
+  cases = [select_modalities(c, modalities, f"data_cfg.tfds_name={name}") for c in cases]
+  return [c if c.shape == tuple(shape) else pad_or_crop(c, tuple(shape)) for c in cases]
+
+
+def _shape(value, key):
+  shape = tuple(int(s) for s in value)
+  if len(shape) != 3 or min(shape) < 1:
+    raise DataError(f"{key}: expected 3 positive sizes, got {tuple(value)}")
+  return shape
