@@ -8,7 +8,7 @@ import pytest
 from mri_poison.attacks import gradient
 from mri_poison.attacks import losses
 from mri_poison.attacks import sanity
-from mri_poison.attacks import sweep
+from mri_poison.attacks import eps_sweep
 from test_attacks_gradient import make_problem, tiny_apply, evaluate  # pylint: disable=g-bad-import-order
 
 
@@ -26,13 +26,13 @@ def test_sweep_traces_once_and_matches_separate_calls(problem):
     return gradient.ifgsm(loss_fn, z, **kw)
 
   grid = jnp.array([0.05, 0.1, 0.2, 0.4])
-  out = sweep.sweep(counted_ifgsm, lf, x, eps=grid, step_size_frac=0.25, steps=4)
-  out2 = sweep.sweep(counted_ifgsm, lf, x, eps=grid * 0.5, step_size_frac=0.25, steps=4)  # no retrace
+  out = eps_sweep.sweep(counted_ifgsm, lf, x, eps=grid, step_size_frac=0.25, steps=4)
+  out2 = eps_sweep.sweep(counted_ifgsm, lf, x, eps=grid * 0.5, step_size_frac=0.25, steps=4)  # no retrace
   assert out.shape == (4,) + x.shape and out2.shape == out.shape
   for i, e in enumerate(np.asarray(grid)):
     np.testing.assert_allclose(out[i], gradient.ifgsm(lf, x, eps=e, step_size=e / 4, steps=4), atol=1e-5)
     assert np.abs(np.asarray(out[i] - x)).max() <= e + 1e-5
-  chunked = sweep.sweep(gradient.ifgsm, lf, x, eps=grid, step_size_frac=0.25, steps=4, chunk_size=2)
+  chunked = eps_sweep.sweep(gradient.ifgsm, lf, x, eps=grid, step_size_frac=0.25, steps=4, chunk_size=2)
   np.testing.assert_allclose(chunked, out, atol=1e-6)
   loss = np.asarray(jax.vmap(lambda z: evaluate(lf, z))(out)).mean(-1)
   assert np.all(np.diff(loss) > 0)  # larger eps, larger loss
@@ -42,8 +42,8 @@ def test_sweep_pgd_with_key(problem):
   x, labels, params, _ = problem
   lf = losses.segpgd(tiny_apply, params, labels, steps=3)
   grid = jnp.array([0.1, 0.3])
-  out = sweep.sweep(gradient.pgd, lf, x, eps=grid, step_size_frac=0.5, steps=3, key=jax.random.key(0))
-  again = sweep.sweep(gradient.pgd, lf, x, eps=grid, step_size_frac=0.5, steps=3, key=jax.random.key(0))
+  out = eps_sweep.sweep(gradient.pgd, lf, x, eps=grid, step_size_frac=0.5, steps=3, key=jax.random.key(0))
+  again = eps_sweep.sweep(gradient.pgd, lf, x, eps=grid, step_size_frac=0.5, steps=3, key=jax.random.key(0))
   np.testing.assert_array_equal(out, again)
   assert np.abs(np.asarray(out[0] - x)).max() <= 0.1 + 1e-5
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from mri_poison.attacks import gradient
 from mri_poison.attacks import losses
-from mri_poison.attacks import sweep
+from mri_poison.attacks import eps_sweep
 
 _DIMS = flags.DEFINE_list("dims", ["2", "3"], "Spatial dims to run (2 = slices, 3 = volumes).")
 _SIZES = flags.DEFINE_list("sizes", ["64", "32"], "Edge per entry of --dims (or one edge for all).")
@@ -66,7 +66,7 @@ def bench_one(ndim, size):
   grid = jnp.linspace(0.01, 0.1, _N_EPS.value)
   n = _SWEEP_STEPS.value
   chunk = _CHUNK.value or None
-  first_s, t_sweep = _timed(lambda: sweep.sweep(gradient.ifgsm, lf, x, eps=grid, step_size_frac=0.25, steps=n,
+  first_s, t_sweep = _timed(lambda: eps_sweep.sweep(gradient.ifgsm, lf, x, eps=grid, step_size_frac=0.25, steps=n,
                                                 chunk_size=chunk), r)
   sep = lambda: [gradient.ifgsm(lf, x, eps=e, step_size=e / 4, steps=n) for e in grid]
   first_sep, t_sep = _timed(sep, r)

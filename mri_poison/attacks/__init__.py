@@ -4,4 +4,4 @@ from mri_poison.attacks.gradient import fgsm, ifgsm, kurakin_schedule, pgd
 from mri_poison.attacks.loop import project, run_steps
 from mri_poison.attacks.sanity import (gradient_sanity, loss_increase, random_sign_baseline, random_sign_noise,
                                        robust_fraction, sequential_robustness)
-from mri_poison.attacks.sweep import sweep
+from mri_poison.attacks.eps_sweep import sweep
