@@ -1,7 +1,7 @@
 """Study 2: gradient attacks on a 3D U-Net and two defences (arXiv 1908.00656, J Digit Imaging 2021).
 
 `run(config, workdir)` trains (or reuses, from workdir/models/*) three 3D U-Nets on 4 contrasts -> 4 labels:
-an undefended one ("clean"), a defensively distilled student ("distilled", its teacher in models/teacher)
+an undefended one ("undefended"), a defensively distilled student ("distilled", its teacher in models/teacher)
 and an adversarially trained one ("adversarial"); evaluates each on whole validation volumes, clean and under
 FGSM, i-FGSM, targeted i-FGSM, PGD, SegPGD, CosPGD and random sign noise over an eps grid (z-score units, brain
 voxels only; each attack's eps grid is one compiled call), and writes per-case Dice, summaries, Wilcoxon
@@ -37,7 +37,7 @@ from mri_poison.report import markdown
 from mri_poison.report import nifti
 from mri_poison.report import tables
 
-MODELS = ("clean", "distilled", "adversarial")
+MODELS = ("undefended", "distilled", "adversarial")
 ATTACKS = ("fgsm", "ifgsm", "ifgsm_targeted", "pgd", "segpgd", "cospgd")
 NOISE = "random_sign"  # same-eps random sign noise: the baseline every attack must beat
 TARGETS = ("erase_tumour", "et_to_oedema", "least_likely")
@@ -68,10 +68,10 @@ def _check_config(config) -> None:
     raise ValueError(f"config attack.target={config.attack.target!r}: expected one of {TARGETS}")
   if int(config.attack.steps) < 1 or int(config.attack.restarts) < 1 or int(config.attack.batch) < 1:
     raise ValueError("config attack.steps, attack.restarts and attack.batch must be >= 1")
-  if str(config.distill.get("init", "scratch")) not in ("scaled_clean", "scratch"):
-    raise ValueError(f"config distill.init={config.distill.init!r}: expected 'scaled_clean' or 'scratch'")
-  if str(config.adversarial.init) not in ("clean", "scratch"):
-    raise ValueError(f"config adversarial.init={config.adversarial.init!r}: expected 'clean' or 'scratch'")
+  if str(config.distill.get("init", "scratch")) not in ("scaled_base", "scratch"):
+    raise ValueError(f"config distill.init={config.distill.init!r}: expected 'scaled_base' or 'scratch'")
+  if str(config.adversarial.init) not in ("base", "scratch"):
+    raise ValueError(f"config adversarial.init={config.adversarial.init!r}: expected 'base' or 'scratch'")
   if float(config.distill.temperature) <= 0:
     raise ValueError(f"config distill.temperature={config.distill.temperature}: expected > 0")
   if str(config.eval.example_attack) not in ATTACKS:
@@ -105,49 +105,57 @@ def _sub_config(config, train_updates: dict | None = None, **extra) -> ml_collec
 
 
 def train_models(config, workdir: str, train_cases) -> dict[str, Any]:
-  """{"clean", "teacher", "distilled", "adversarial"} params, each trained (or resumed) in workdir/models/<name>."""
+  """{"base", "undefended", "teacher", "distilled", "adversarial"} params, trained (or resumed) in workdir/models/<name>.
+
+  Every compared model gets the same number of steps: "base" is trained for train.steps, then the undefended
+  model, the distillation pair and the adversarial model each continue from it for the same fine-tuning budget
+  (with the default warm starts), so a defence's effect is not confounded with extra training.
+  """
   from mri_poison.train import loop as train_loop
   from mri_poison.train import state as state_lib
   apply_fn = state_lib.make_apply_fn(state_lib.make_model(config.model))
   models_dir = os.path.join(workdir, "models")
   t = float(config.distill.temperature)
-  warm = str(config.distill.get("init", "scratch")) == "scaled_clean"
+  warm = str(config.distill.get("init", "scratch")) == "scaled_base"
   distill_steps = int(config.distill.steps) or (max(int(config.train.steps) // 2, 1) if warm
                                                  else int(config.train.steps))
   distill_train = dict(steps=distill_steps, warmup_steps=min(int(config.train.warmup_steps), distill_steps // 10))
   adv = config.adversarial
-  fine_tune = str(adv.init) == "clean"
+  fine_tune = str(adv.init) == "base"
   adv_steps = int(adv.train_steps) or (max(int(config.train.steps) // 2, 1) if fine_tune else int(config.train.steps))
   adv_train = dict(steps=adv_steps, lr=float(adv.lr) or float(config.train.lr),
                    warmup_steps=min(int(config.train.warmup_steps), adv_steps // 10))
 
   params = {}
   t0 = time.perf_counter()
-  plan = ("clean", "teacher", "distilled", "adversarial")
+  plan = ("base", "undefended", "teacher", "distilled", "adversarial")
 
   def log_start(name):
     logging.info("robustify: training %s (%d/%d) in %s; %.0f s so far", name, plan.index(name) + 1, len(plan),
                  os.path.join(models_dir, name), time.perf_counter() - t0)
 
-  log_start("clean")
-  params["clean"] = train_loop.train_model(_sub_config(config), os.path.join(models_dir, "clean"),
-                                           cases=train_cases)
+  log_start("base")
+  params["base"] = train_loop.train_model(_sub_config(config), os.path.join(models_dir, "base"), cases=train_cases)
+  log_start("undefended")
+  params["undefended"] = train_loop.train_model(
+      _sub_config(config, adv_train), os.path.join(models_dir, "undefended"), cases=train_cases,
+      init_params=params["base"] if fine_tune else None)
   log_start("teacher")
   params["teacher"] = train_loop.train_model(
       _sub_config(config, distill_train, distill=config.distill), os.path.join(models_dir, "teacher"),
       cases=train_cases, loss_fn=distill_lib.teacher_loss(t, str(config.distill.teacher_loss)),
-      init_params=distill_lib.scale_output_layer(params["clean"], t) if warm else None)
+      init_params=distill_lib.scale_output_layer(params["base"], t) if warm else None)
   log_start("distilled")
   params["distilled"] = train_loop.train_model(
       _sub_config(config, distill_train, distill=config.distill), os.path.join(models_dir, "distilled"),
       cases=train_cases, loss_fn=distill_lib.distillation_loss(t, hard_weight=float(config.distill.hard_weight)),
-      batch_transform=distill_lib.distillation_batch_transform(apply_fn, params["teacher"], t),
-      init_params=distill_lib.scale_output_layer(params["clean"], t) if warm else None)
+      batch_transform=distill_lib.distillation_batch_transform(apply_fn, t), hook_params=params["teacher"],
+      init_params=distill_lib.scale_output_layer(params["base"], t) if warm else None)
   log_start("adversarial")
   params["adversarial"] = train_loop.train_model(
       _sub_config(config, adv_train, adversarial=adv), os.path.join(models_dir, "adversarial"), cases=train_cases,
       batch_transform=adv_lib.adversarial_batch_transform(apply_fn, adv),
-      init_params=params["clean"] if fine_tune else None)
+      init_params=params["base"] if fine_tune else None)
   logging.info("robustify: models ready in %.0f s", time.perf_counter() - t0)
   return params
 
@@ -340,7 +348,7 @@ def wilcoxon_rows(per_case: list[dict], models: Sequence[str], attacks: Sequence
   """Paired (by case) Wilcoxon signed-rank tests, per region and on the mean Dice.
 
   "clean vs attack": a = clean Dice, b = attacked Dice of the same model (median_diff > 0: the attack hurts).
-  "<defence> vs clean model": a = defence's Dice, b = undefended model's Dice under the same attack and eps
+  "<defence> vs undefended": a = defence's Dice, b = undefended model's Dice under the same attack and eps
   (median_diff > 0: the defence helps); eps 0 = no attack. "distilled vs adversarial" likewise.
   """
   out = []
@@ -352,7 +360,7 @@ def wilcoxon_rows(per_case: list[dict], models: Sequence[str], attacks: Sequence
               per_case, {"model": model, "attack": "clean"}, {"model": model, "attack": attack, "eps": e}, col,
               comparison="clean vs attack", model_a=model, model_b=model, attack=attack, eps=e,
               region=col[5:]))
-  pairs = [(m, "clean") for m in models if m != "clean"]
+  pairs = [(m, "undefended") for m in models if m != "undefended"]
   if "distilled" in models and "adversarial" in models:
     pairs.append(("distilled", "adversarial"))
   for a, b in pairs:
@@ -500,7 +508,7 @@ def _evaluate_and_report(config, workdir, apply_fn, params, data, val_cases, dig
       std[attack][model] = [r["dice_mean_std"] for r in rs]
   dice_fig = figures.dice_vs_eps(curves, clean_mean, os.path.join(fig_dir, "dice_vs_eps.png"), std=std,
                                  title=f"Dice vs eps ({n} validation volumes; band: +-1 std)")
-  example = _example(config, workdir, apply_fn, params["clean"], data, val_cases)
+  example = _example(config, workdir, apply_fn, params["undefended"], data, val_cases)
 
   ref_eps = _nearest(eps, config.eval.reference_eps)
   headline = {
@@ -579,8 +587,9 @@ def _write_report(config, workdir, summary, wil, robust, sanity_rows, headline, 
   r.table(rows, ["model", "clean"] + list(attacks),
           caption=f"Mean Dice (average of WT, TC, ET over volumes), clean and under each attack at eps = {ref:g}.")
   r.paragraph(
-      "Caveat: the defended models get extra training steps (fine-tuning) that the undefended model does not, "
-      "so part of a defended model's clean-Dice gain can be extra training rather than the defence.")
+      "Equal training budget: a base model is trained first; the undefended, distilled and adversarially trained "
+      "models each continue from it for the same number of fine-tuning steps (plain loss, distillation at T, "
+      "adversarial batches), so differences between them are the defences', not extra training.")
   r.heading("Protocol")
   steps, frac = int(acfg.steps), float(acfg.step_frac)
   adv = config.adversarial
@@ -595,13 +604,13 @@ def _write_report(config, workdir, summary, wil, robust, sanity_rows, headline, 
       f"Defensive distillation: teacher trained with its logits divided by T = {float(config.distill.temperature):g}; "
       "student trained at T on the teacher's soft per-voxel probabilities at T (T^2-scaled cross-entropy), "
       "deployed at T = 1 [paper: distillation; T *default chosen here*]. "
-      + ("Teacher and student start from the undefended model with its output layer scaled by T (the same "
+      + ("Teacher and student start from the base model with its output layer scaled by T (the same "
          "softmax at T), then train at T (*default chosen here*: from scratch, short runs never grow the "
-         "logits T-fold)." if str(config.distill.get("init", "scratch")) == "scaled_clean"
+         "logits T-fold)." if str(config.distill.get("init", "scratch")) == "scaled_base"
          else "Teacher and student are trained from scratch."),
       f"Adversarial training: {adv.attack.upper()} examples (true labels, eps = {float(adv.eps):g}) replace "
       f"{float(adv.ratio):.0%} of every batch, made with the current weights; "
-      + ("fine-tuned from the undefended model" if adv.init == "clean" else "trained from scratch")
+      + ("fine-tuned from the base model" if adv.init == "base" else "trained from scratch")
       + " (*default chosen here*).",
       f"Attacks (L-inf, z-score units, brain voxels only, true labels): eps grid {tuple(eps for eps in acfg.eps)}; "
       f"iterative attacks N = {steps} steps of alpha = {frac:g} eps; PGD-type attacks with a random start and "
@@ -626,7 +635,7 @@ def _write_report(config, workdir, summary, wil, robust, sanity_rows, headline, 
   mean_rows = [w for w in wil if w["region"] == "mean" and (w["eps"] == ref or w["attack"] == "clean")]
   r.table(mean_rows, ["comparison", "model_a", "attack", "eps", "mean_a", "mean_b", "median_diff", "p_value", "n"],
           caption=f"Mean Dice, eps = {ref:g} (per region and every eps: results/wilcoxon.csv). "
-                  "`clean vs attack`: a = clean, b = attacked (diff > 0: the attack hurts). `X vs clean`: "
+                  "`clean vs attack`: a = clean, b = attacked (diff > 0: the attack hurts). `X vs undefended`: "
                   "a = defence X, b = undefended model under the same attack (diff > 0: the defence helps).",
           formats={"p_value": tables.format_p})
   r.heading("Robust fraction (3D AutoAttack-style)")

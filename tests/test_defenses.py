@@ -74,7 +74,7 @@ def test_distillation_hooks():
   apply_fn, params = _apply_and_params()
   batch = _batch()
   t = 20.0
-  out = distillation.distillation_batch_transform(apply_fn, params, t)(None, dict(batch), jax.random.key(0))
+  out = distillation.distillation_batch_transform(apply_fn, t)(None, dict(batch), jax.random.key(0), params)
   soft = np.asarray(out["soft_target"])
   np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(soft, jax.nn.softmax(apply_fn(params, batch["image"]) / t), rtol=1e-5)
@@ -138,7 +138,8 @@ def test_training_with_defences_changes_robustness(tmp_path):
                              loss_fn=distillation.teacher_loss(t))
   student = loop.train_model(_config(15), str(tmp_path / "student"), cases=cases, init_params=warm,
                              loss_fn=distillation.distillation_loss(t),
-                             batch_transform=distillation.distillation_batch_transform(apply_fn, teacher, t))
+                             batch_transform=distillation.distillation_batch_transform(apply_fn, t),
+                             hook_params=teacher)
 
   val = _cases(4, seed=1)
   x = jnp.asarray(np.stack([c.image[:, :, 1] for c in val]))

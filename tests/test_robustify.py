@@ -57,7 +57,7 @@ def test_study_end_to_end(tmp_path):
                "results/wilcoxon.csv", "results/robust_fraction.csv", "results/sanity.csv",
                "figures/dice_vs_eps.png", "figures/example_slice.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-  for name in ("clean", "teacher", "distilled", "adversarial"):
+  for name in ("base", "undefended", "teacher", "distilled", "adversarial"):
     assert os.path.isdir(os.path.join(workdir, "models", name, "checkpoints"))
   leftovers = [f for _, _, fs in os.walk(workdir) for f in fs if ".tmp" in f]
   assert not leftovers
@@ -77,17 +77,17 @@ def test_study_end_to_end(tmp_path):
     for attack in ("fgsm", "ifgsm", "pgd"):
       assert mean(model, attack, 0.5) <= clean + 0.02  # attacks do not help
   # The undefended model under a real attack at the largest eps is hurt more than by the same-eps noise.
-  assert mean("clean", "ifgsm", 0.5) < mean("clean", "random_sign", 0.5)
+  assert mean("undefended", "ifgsm", 0.5) < mean("undefended", "random_sign", 0.5)
 
   wil = _read(os.path.join(workdir, "results", "wilcoxon.csv"))
-  assert {w["comparison"] for w in wil} == {"clean vs attack", "distilled vs clean", "adversarial vs clean",
+  assert {w["comparison"] for w in wil} == {"clean vs attack", "distilled vs undefended", "adversarial vs undefended",
                                             "distilled vs adversarial"}
   assert all(0.0 <= float(w["p_value"]) <= 1.0 and int(w["n"]) == 3 for w in wil)
   robust = _read(os.path.join(workdir, "results", "robust_fraction.csv"))
   for r in robust:  # sequential robustness never exceeds robustness to one attack alone
     assert float(r["robust_sequential"]) <= float(r["robust_alone"]) + 1e-9
   sanity_rows = _read(os.path.join(workdir, "results", "sanity.csv"))
-  ifgsm = [s for s in sanity_rows if s["attack"] == "ifgsm" and s["model"] == "clean"]
+  ifgsm = [s for s in sanity_rows if s["attack"] == "ifgsm" and s["model"] == "undefended"]
   assert all(float(s["loss_adv"]) > float(s["loss_noise"]) for s in ifgsm)
   assert all(float(s["loss_increased_fraction"]) == 1.0 for s in ifgsm)
 

@@ -92,6 +92,7 @@ def test_batch_transform_hook_runs_in_step_with_params_and_key():
   apply_fn = state_lib.make_apply_fn(model)
   tx = state_lib.make_optimizer(config.train)
   params = state_lib.init_params(model, jax.random.PRNGKey(0), (1, 32, 32, 4))
+  teacher, params2 = jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, params)  # the step donates params
   keys = []
 
   def transform(p, batch, key):
@@ -106,6 +107,15 @@ def test_batch_transform_hook_runs_in_step_with_params_and_key():
   _, metrics = step(state_lib.init_state(params, tx, jax.random.PRNGKey(1)), batch)  # donates params
   np.testing.assert_allclose(float(metrics["loss"]), entropy, rtol=1e-5)
   assert keys == [(2,)]  # traced once, with a per-step key
+
+  # The same soft targets from frozen "teacher" weights passed as hook_params (a jit argument).
+  def from_teacher(p, batch, key, teacher):
+    return {**batch, "soft_target": jax.nn.softmax(apply_fn(teacher, batch["image"]), axis=-1)}
+
+  step = loop.make_train_step(model, tx, lambda logits, b: losses.distillation(logits, b["soft_target"], 1.0),
+                              batch_transform=from_teacher)
+  _, metrics = step(state_lib.init_state(params2, tx, jax.random.PRNGKey(1)), batch, teacher)
+  np.testing.assert_allclose(float(metrics["loss"]), entropy, rtol=1e-5)
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path):

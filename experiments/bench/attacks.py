@@ -1,7 +1,7 @@
 r"""Attack benchmark: PGD-10 time per batch on a U-Net, and an eps sweep in one call vs separate calls.
 
   python -m experiments.bench.attacks                                    # CPU, small: 2D 64^2 and 3D 32^3
-  python -m experiments.bench.attacks --sizes=128 --dims=3 --batch=2 --features=32,64,128,256 \
+  python -m experiments.bench.attacks --sizes=128 --dims=3 --batch=2 --features=32,32,64,128,256,32 \
       --dtype=bfloat16 --repeats=5                                       # the GPU run (128^3, batch 2)
 """
 import datetime

@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,19 +28,18 @@ def soft_targets(apply_fn, params, image, temperature) -> jax.Array:
   return jax.lax.stop_gradient(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
 
 
-def distillation_batch_transform(teacher_apply: Callable, teacher_params: Any,
-                                 temperature: float = DEFAULT_TEMPERATURE) -> Callable[[Any, dict, jax.Array], dict]:
-  """`batch_transform(params, batch, key)` adding batch["soft_target"] from the teacher at temperature T.
+def distillation_batch_transform(teacher_apply: Callable, temperature: float = DEFAULT_TEMPERATURE):
+  """`batch_transform(params, batch, key, teacher_params)` adding batch["soft_target"] at temperature T.
 
-  teacher_apply(params, x, *, temperature) -> logits (`train.state.make_apply_fn`). The teacher's params are
-  closed over (constants of the compiled step); the student's params are not used.
+  teacher_apply(params, x, *, temperature) -> logits (`train.state.make_apply_fn`). Train the student with
+  `train_model(..., batch_transform=this, hook_params=teacher_params)`: the teacher's weights are then an
+  argument of the compiled step, not constants baked into it (which at 128^3 would slow compilation).
   """
-  teacher_params = jax.tree.map(jnp.asarray, teacher_params)
   t = float(temperature)
   if t <= 0:
     raise ValueError(f"distillation temperature must be > 0, got {temperature}")
 
-  def transform(params, batch, key):
+  def transform(params, batch, key, teacher_params):
     del params, key
     return dict(batch, soft_target=soft_targets(teacher_apply, teacher_params, batch["image"], t))
 
@@ -95,7 +94,7 @@ def scale_output_layer(params, factor: float, prefixes=("final_conv", "aux_head"
 
   A model trained at T = 1 whose output layer is scaled by T has, at temperature T, exactly the original
   softmax: a warm start for a teacher / student at T. Training from scratch at T = 20 must first grow the
-  logits 20-fold, which short runs never finish (the study's `distill.init="scaled_clean"`).
+  logits 20-fold, which short runs never finish (the study's `distill.init="scaled_base"`).
   """
   def scale(path, leaf):
     top = getattr(path[0], "key", str(path[0]))

@@ -3,8 +3,10 @@
 Hooks (how defences and studies change training without forking the loop):
   loss_fn(logits, batch) -> (B,) per-example loss. `logits` is exactly what the model returns in train mode
     (a tuple (final, aux_1, ...) when config.model.deep_supervision); `batch` is the (transformed) batch dict.
-  batch_transform(params, batch, key) -> batch runs INSIDE the jitted step before the forward pass, with the
-    current params (not differentiated through) and a per-step key. It gets the model by closure: build it with
+  batch_transform(params, batch, key[, hook_params]) -> batch runs INSIDE the jitted step before the forward
+    pass, with the current params (not differentiated through) and a per-step key. Frozen weights a hook needs
+    (a distillation teacher, a perturbation generator) go in `train_model(..., hook_params=...)`: they reach the
+    hook as a jit argument, not as constants baked into the compiled step. It gets the model by closure: build it with
     `apply_fn = state.make_apply_fn(state.make_model(config.model))`, where
     `apply_fn(params, x, *, train=False, temperature=1.0, rngs=None) -> (B, *S, K) f32 logits`, and pass
     `batch_transform=make_my_transform(apply_fn, ...)`. Adversarial training replaces batch["image"];
@@ -64,11 +66,12 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: LossFn, *,
   so a non-finite step never corrupts what the caller (or a checkpoint) holds.
   With `mesh`, the state comes back replicated and the metrics as replicated scalars.
   """
-  def train_step(state, batch):
+  def train_step(state, batch, hook_params=None):
     step_key = jax.random.fold_in(state["rng"], state["step"])
     transform_key, dropout_key = jax.random.split(step_key)
     if batch_transform is not None:
-      batch = batch_transform(jax.lax.stop_gradient(state["params"]), dict(batch), transform_key)
+      extra = () if hook_params is None else (jax.lax.stop_gradient(hook_params),)
+      batch = batch_transform(jax.lax.stop_gradient(state["params"]), dict(batch), transform_key, *extra)
 
     def objective(params):
       outputs = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": dropout_key})
@@ -115,13 +118,14 @@ def _initial_state(model, tx, config, mesh, init_params):
 
 
 def train_model(config, workdir: str, *, cases=None, loss_fn: LossFn | None = None,
-                batch_transform: BatchTransform | None = None, init_params=None,
+                batch_transform: BatchTransform | None = None, init_params=None, hook_params=None,
                 eval_fn: Callable[[Any, int], Mapping[str, float]] | None = None):
   """Trains `config.model` on `cases` (default: load_splits(config.data)["train"]) and returns the params.
 
   Resumable: checkpoints (state + grain iterator state) go to workdir/checkpoints every train.ckpt_every steps
   and at the end; re-running on the same workdir resumes at the latest one, and a finished run returns its
-  final params at once. `init_params` (e.g. a pretrained model) only seeds a fresh run. `eval_fn(params, step)`
+  final params at once. `init_params` (e.g. a pretrained model) only seeds a fresh run; `hook_params` is passed
+  to batch_transform as its 4th argument (replicated, not trained, not checkpointed). `eval_fn(params, step)`
   runs every train.eval_every steps and its dict is logged. A non-finite loss raises FloatingPointError naming
   the step; nothing non-finite is saved, so the last checkpoint stays the last good state.
   """
@@ -168,7 +172,10 @@ def train_model(config, workdir: str, *, cases=None, loss_fn: LossFn | None = No
       progress = workdir_lib.Progress(total, start)
       status, step = "failed", start
       try:
-        state = _run(step_fn, state, data, manager, mesh, writer, progress, schedule, eval_fn,
+        if hook_params is not None:
+          hook_params = mesh_lib.replicate(jax.tree.map(jnp.asarray, hook_params), mesh)
+        state = _run(functools.partial(step_fn, hook_params=hook_params), state, data, manager, mesh, writer,
+                     progress, schedule, eval_fn,
                      start=start, total=total, log_every=log_every, eval_every=eval_every)
         step, status = total, "finished"
       except FloatingPointError:
