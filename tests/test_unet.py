@@ -148,7 +148,6 @@ def test_bad_spatial_dims_raise():
 
 def test_norm_variants_dropout_and_gradients():
   x = _normal(7, (2, 16, 16, 2))
-  labels = jnp.zeros((2, 16, 16), jnp.int32)
   for norm in ("group", "none"):
     m = UNet(features=(4, 8), out_channels=2, norm=norm)
     assert jax.jit(m.apply)(_init(m, x), x).shape == (2, 16, 16, 2)

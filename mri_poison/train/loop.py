@@ -170,14 +170,14 @@ def train_model(config, workdir: str, *, cases=None, loss_fn: LossFn | None = No
         ckpt.restore_data(manager, latest, data)
       writer = workdir_lib.MetricsWriter(workdir)
       progress = workdir_lib.Progress(total, start)
-      status, step = "failed", start
+      status = "failed"
       try:
         if hook_params is not None:
           hook_params = mesh_lib.replicate(jax.tree.map(jnp.asarray, hook_params), mesh)
         state = _run(functools.partial(step_fn, hook_params=hook_params), state, data, manager, mesh, writer,
                      progress, schedule, eval_fn,
                      start=start, total=total, log_every=log_every, eval_every=eval_every)
-        step, status = total, "finished"
+        status = "finished"
       except FloatingPointError:
         status = "non-finite loss"
         raise

@@ -1,0 +1,223 @@
+"""Study 2: `run(config, workdir)`, the whole study from data to report.md."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mri_poison import io_utils
+from mri_poison.report import figures
+from mri_poison.report import nifti
+from mri_poison.report import tables
+from mri_poison.robustify.evaluation import (ATTACKS, DICE_COLUMNS, NOISE, TARGETS, Progress, attack_cost,
+                                             attack_volumes, evaluate_model, make_scorer, make_target,
+                                             robust_fraction_rows, wilcoxon_rows)
+from mri_poison.robustify.report import write_report
+from mri_poison.robustify.training import MODELS, train_models
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _check_config(config) -> None:
+  attacks = tuple(config.attack.attacks)
+  unknown = [a for a in attacks if a not in ATTACKS]
+  if unknown or not attacks:
+    raise ValueError(f"config attack.attacks={attacks}: expected a non-empty subset of {ATTACKS}")
+  eps = tuple(float(e) for e in config.attack.eps)
+  if not eps or min(eps) <= 0:
+    raise ValueError(f"config attack.eps={eps}: expected positive budgets (z-score units)")
+  if str(config.attack.target) not in TARGETS:
+    raise ValueError(f"config attack.target={config.attack.target!r}: expected one of {TARGETS}")
+  if int(config.attack.steps) < 1 or int(config.attack.restarts) < 1 or int(config.attack.batch) < 1:
+    raise ValueError("config attack.steps, attack.restarts and attack.batch must be >= 1")
+  if str(config.distill.get("init", "scratch")) not in ("scaled_base", "scratch"):
+    raise ValueError(f"config distill.init={config.distill.init!r}: expected 'scaled_base' or 'scratch'")
+  if str(config.adversarial.init) not in ("base", "scratch"):
+    raise ValueError(f"config adversarial.init={config.adversarial.init!r}: expected 'base' or 'scratch'")
+  if float(config.distill.temperature) <= 0:
+    raise ValueError(f"config distill.temperature={config.distill.temperature}: expected > 0")
+  if str(config.eval.example_attack) not in ATTACKS:
+    raise ValueError(f"config eval.example_attack={config.eval.example_attack!r}: expected one of {ATTACKS}")
+
+
+def _config_dict(config) -> dict:
+  return json.loads(json.dumps(config.to_dict(), default=io_utils._json_default))  # pylint: disable=protected-access
+
+
+def _digest(obj) -> str:
+  import hashlib
+  text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=io_utils._json_default)  # pylint: disable=protected-access
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+
+# ------------------------------------------------------------------------------------------------ the study
+
+
+def _stack(cases) -> dict:
+  shapes = {c.image.shape for c in cases}
+  if len(shapes) != 1:
+    raise ValueError(f"validation cases must share one grid (config data.shape); got shapes {sorted(shapes)}")
+  for c in cases:
+    if c.label is None:
+      raise ValueError(f"validation case {c.case_id} has no label")
+  image = np.stack([c.image for c in cases]).astype(np.float32)
+  return {"image": image, "label": np.stack([c.label for c in cases]).astype(np.int32),
+          "brain": np.any(image != 0, axis=-1), "case_id": [c.case_id for c in cases]}
+
+
+def _nearest(values, target) -> float:
+  values = [float(v) for v in values]
+  return min(values, key=lambda v: abs(v - float(target)))
+
+
+def run(config, workdir: str, *, splits: dict | None = None) -> dict:
+  """Runs the study in `workdir` (see the module doc); returns the headline numbers.
+
+  `splits` ({"train": [Case], "val": [Case]}) overrides `load_splits(config.data)` (notebooks, tests).
+  """
+  from mri_poison.train import state as state_lib
+  from mri_poison.train import workdir as workdir_lib
+  t_start = time.perf_counter()
+  _check_config(config)
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"workdir {workdir}: cannot create it ({e})") from e
+  if not os.access(workdir, os.W_OK):
+    raise ValueError(f"workdir {workdir}: not writable")
+  cfg_dict = _config_dict(config)
+  digest = _digest(cfg_dict)
+  io_utils.write_json(os.path.join(workdir, "config.json"), {"config": cfg_dict, "hash": digest})
+  manifest = workdir_lib.start_manifest(workdir, seed=int(config.seed), config_digest=digest, start_step=0)
+  status = "failed"
+  try:
+    if splits is None:
+      from mri_poison.data.datasets import load_splits
+      splits = load_splits(config.data)
+    val = list(splits["val"])
+    if int(config.eval.max_cases):
+      val = val[:int(config.eval.max_cases)]
+    if not val:
+      raise ValueError("config data.n_val: the study needs at least one validation case")
+    data = _stack(val)
+    params = train_models(config, workdir, splits["train"])
+    apply_fn = state_lib.make_apply_fn(state_lib.make_model(config.model))
+    result = _evaluate_and_report(config, workdir, apply_fn, params, data, val, digest, t_start)
+    status = "finished"
+    return result
+  finally:
+    workdir_lib.end_manifest(workdir, manifest, end_step=0, status=status)
+
+
+def _evaluate_and_report(config, workdir, apply_fn, params, data, val_cases, digest, t_start) -> dict:
+  acfg = config.attack
+  eps = [float(e) for e in acfg.eps]
+  attacks = tuple(acfg.attacks)
+  all_attacks = attacks + (NOISE,)
+  key = jax.random.PRNGKey(int(acfg.seed))
+  n = data["image"].shape[0]
+  partial_dir = os.path.join(workdir, "results", "partial")
+  per_case, sanity_rows = [], []
+  cost = sum(attack_cost(a, acfg) for a in all_attacks) * len(eps) * n
+  progress = Progress(cost * len(MODELS), "volume-gradients")
+  t_eval = time.perf_counter()
+  for m_index, model in enumerate(MODELS):
+    cache = os.path.join(partial_dir, f"eval_{model}.json")
+    if os.path.exists(cache):
+      with open(cache) as f:
+        cached = json.load(f)
+      if cached.get("hash") == digest:
+        logging.info("robustify: reusing the evaluation of %s from %s", model, cache)
+        per_case += cached["per_case"]
+        sanity_rows += cached["sanity"]
+        progress.total -= cost
+        continue
+    rows, srows = evaluate_model(model, apply_fn, params[model], data, config, jax.random.fold_in(key, m_index),
+                                 progress)
+    io_utils.write_json(cache, {"hash": digest, "per_case": rows, "sanity": srows})
+    per_case += rows
+    sanity_rows += srows
+  eval_s = time.perf_counter() - t_eval
+
+  results = os.path.join(workdir, "results")
+  io_utils.write_csv(os.path.join(results, "per_case.csv"), per_case)
+  summary = tables.summarize(per_case, ["model", "attack", "eps"], DICE_COLUMNS)
+  clean_mean = {r["model"]: r["dice_mean_mean"] for r in summary if r["attack"] == "clean"}
+  for r in summary:
+    r["drop_pct"] = 100.0 * (1.0 - r["dice_mean_mean"] / clean_mean[r["model"]]) if clean_mean[r["model"]] else 0.0
+  io_utils.write_csv(os.path.join(results, "summary.csv"), summary)
+  wil = wilcoxon_rows(per_case, MODELS, all_attacks, eps)
+  io_utils.write_csv(os.path.join(results, "wilcoxon.csv"), wil)
+  robust = robust_fraction_rows(per_case, MODELS, attacks, eps, float(config.eval.robust_factor))
+  io_utils.write_csv(os.path.join(results, "robust_fraction.csv"), robust)
+  io_utils.write_csv(os.path.join(results, "sanity.csv"), sanity_rows)
+
+  fig_dir = os.path.join(workdir, "figures")
+  curves, std = {}, {}
+  for attack in all_attacks:
+    curves[attack], std[attack] = {}, {}
+    for model in MODELS:
+      rs = [r for r in summary if r["model"] == model and r["attack"] == attack]
+      curves[attack][model] = ([r["eps"] for r in rs], [r["dice_mean_mean"] for r in rs])
+      std[attack][model] = [r["dice_mean_std"] for r in rs]
+  dice_fig = figures.dice_vs_eps(curves, clean_mean, os.path.join(fig_dir, "dice_vs_eps.png"), std=std,
+                                 title=f"Dice vs eps ({n} validation volumes; band: +-1 std)")
+  example = _example(config, workdir, apply_fn, params["undefended"], data, val_cases)
+
+  ref_eps = _nearest(eps, config.eval.reference_eps)
+  headline = {
+      "clean_dice": clean_mean,
+      "reference_eps": ref_eps,
+      "dice_at_reference_eps": {m: {r["attack"]: r["dice_mean_mean"] for r in summary
+                                    if r["model"] == m and r["attack"] != "clean" and r["eps"] == ref_eps}
+                                for m in MODELS},
+      "n_val": n, "eval_seconds": eval_s, "wall_seconds": time.perf_counter() - t_start,
+  }
+  io_utils.write_json(os.path.join(results, "headline.json"), headline)
+  write_report(config, workdir, summary, wil, robust, sanity_rows, headline, dice_fig, example)
+  logging.info("robustify: done in %.0f s; report at %s", headline["wall_seconds"], os.path.join(workdir, "report.md"))
+  return headline
+
+
+def _example(config, workdir, apply_fn, params, data, val_cases) -> dict:
+  """The example slice figure and a few adversarial NIfTI volumes (undefended model, example attack/eps)."""
+  acfg = config.attack
+  attack, e = str(config.eval.example_attack), float(config.eval.example_eps)
+  k = max(1, int(config.eval.n_volumes))
+  x, y = jnp.asarray(data["image"][:k]), jnp.asarray(data["label"][:k])
+  brain = jnp.asarray(data["brain"][:k])
+  target = make_target(str(acfg.target), apply_fn, params, x, y)
+  x_adv, _ = attack_volumes(attack, apply_fn, params, x, y, brain, np.asarray([e], np.float32), acfg,
+                            jax.random.PRNGKey(int(acfg.seed) + 1), target)
+  x_adv = np.asarray(x_adv[0])
+  _, predict = make_scorer(apply_fn)
+  pred_clean, pred_adv = np.asarray(predict(params, x)), np.asarray(predict(params, jnp.asarray(x_adv)))
+  modalities = tuple(val_cases[0].modalities)
+  channel = modalities.index("flair") if "flair" in modalities else len(modalities) - 1
+  image = np.asarray(x)
+  fig = figures.example_slice(
+      image[0], x_adv[0], data["label"][0], pred_clean[0], pred_adv[0],
+      os.path.join(workdir, "figures", "example_slice.png"), channel=channel, channel_name=modalities[channel],
+      title=f"{val_cases[0].case_id}: {attack} at eps={e:g} on the undefended model")
+  vol_dir = os.path.join(workdir, "volumes")
+  written = []
+  tag = f"{attack}_eps{e:g}"
+  if int(config.eval.n_volumes) > 0:
+    for i in range(k):
+      case = val_cases[i]
+      written.append(nifti.save_volume(os.path.join(vol_dir, f"{case.case_id}_{tag}.nii.gz"), x_adv[i], case.affine))
+      written.append(nifti.save_volume(os.path.join(vol_dir, f"{case.case_id}_{tag}_pred.nii.gz"),
+                                       pred_adv[i].astype(np.int16), case.affine))
+      written.append(nifti.save_volume(os.path.join(vol_dir, f"{case.case_id}_clean_pred.nii.gz"),
+                                       pred_clean[i].astype(np.int16), case.affine))
+  linf = float(np.max(np.abs(x_adv - image)))
+  return {"figure": fig, "volumes": written, "attack": attack, "eps": e, "case": val_cases[0].case_id,
+          "linf": linf}
