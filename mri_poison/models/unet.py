@@ -6,7 +6,7 @@ BasicUNet's `halves`), concatenation [skip, up] and two conv blocks; a final 1x1
 
 Up-sampling is a stride-2, kernel-2 transposed conv written as a 1x1[x1] conv to 2^ndim * C channels followed
 by a depth-to-space reshape (`DepthToSpaceUp`): mathematically identical, and on GPU one fast matmul-like conv
-instead of XLA's slow 3D `ConvTranspose` (see docs/architecture.md, "Numerics and speed").
+instead of XLA's slow 3D transposed convolution (see the project's architecture notes, "Numerics and speed").
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def conv_transpose_to_depth_to_space_kernel(kernel: jax.Array, transpose_kernel:
   """Kernel of a stride-2, kernel-2 `jax.lax.conv_transpose` -> (C_in, 2^n * C_out) for `DepthToSpaceUp`.
 
   `kernel` is laid out (2,)*n + (I, O) and read as `jax.lax.conv_transpose(..., transpose_kernel=...)` reads
-  it. False (lax's and flax ConvTranspose's default): (2,)*n + (C_in, C_out) and output offset a reads tap
+  it. False (lax's default): (2,)*n + (C_in, C_out) and output offset a reads tap
   1 - a. True (the gradient-of-conv convention): (2,)*n + (C_out, C_in), spatially flipped and I/O swapped,
   so offset a reads tap a.
   """
