@@ -18,6 +18,7 @@ Every setting below that the paper (arXiv 1908.00656) leaves open is a default c
 import ml_collections
 
 from mri_poison.data.datasets import default_data_config
+from mri_poison.defenses import adversarial
 
 VARIANTS = ("runlocal", "phantom", "brats")
 
@@ -46,8 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       init="scaled_base",  # teacher and student start from the base model with logits x T (its softmax at
                             # T); "scratch": random init (needs long runs to grow the logits T-fold)
       steps=0))  # 0 -> train.steps // 2 from "scaled_base", train.steps from scratch
-  config.adversarial = ml_collections.ConfigDict(dict(
-      attack="fgsm", ratio=0.5, eps=0.1, random_eps=False, steps=3, step_frac=0.5, brain_only=True,
+  config.adversarial = adversarial.default_config()  # FGSM at eps 0.1 on half of every batch
+  config.adversarial.update(dict(
       init="base",  # "base": fine-tune the base model (as the undefended one is); "scratch": from random init
       train_steps=0,  # 0 -> train.steps // 2 when fine-tuning, train.steps from scratch
       lr=0.0))  # 0 -> train.lr

@@ -9,7 +9,7 @@ contract) are perturbed, in z-score units. From scratch, or fine-tuning via `tra
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +39,6 @@ def brain_mask(image) -> jax.Array:
   return jnp.any(image != 0, axis=-1)
 
 
-def _get(cfg, key, default):
-  if isinstance(cfg, Mapping):
-    return cfg.get(key, default)
-  return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
 def adversarial_examples(apply_fn, params, image, label, key, *, attack: str = "fgsm", eps=0.1, steps: int = 3,
                          step_size=None, mask=None) -> jax.Array:
   """Untargeted CE attack on (image, label) with the model `apply_fn(params, x)`; gradient-stopped result."""
@@ -63,24 +57,21 @@ def adversarial_examples(apply_fn, params, image, label, key, *, attack: str = "
 def adversarial_batch_transform(apply_fn: Callable, cfg: Any = None) -> Callable[[Any, dict, jax.Array], dict]:
   """`batch_transform(params, batch, key) -> batch` replacing a `cfg.ratio` share of batch["image"].
 
-  apply_fn(params, x) -> logits (e.g. `train.state.make_apply_fn(model)`). With B examples, the first
+  apply_fn(params, x) -> logits (e.g. `train.state.make_apply_fn(model)`); cfg: a ConfigDict or dict with the
+  fields of `default_config()`, missing ones taking their defaults. With B examples, the first
   floor(ratio * B) are always adversarial and the next one with probability frac(ratio * B), so the expected
   share is exactly `ratio` for any batch size (the attack only runs on the examples that may be replaced).
   """
-  cfg = default_config() if cfg is None else cfg
-  attack = str(_get(cfg, "attack", "fgsm"))
+  c = default_config()
+  c.update(dict(cfg.items()) if cfg is not None else {})
+  attack, ratio, eps = str(c.attack), float(c.ratio), float(c.eps)
+  steps, step_frac, random_eps, brain_only = int(c.steps), float(c.step_frac), bool(c.random_eps), bool(c.brain_only)
   if attack not in ATTACKS:
     raise ValueError(f"adversarial.attack={attack!r}: expected one of {ATTACKS}")
-  ratio = float(_get(cfg, "ratio", 0.5))
   if not 0.0 <= ratio <= 1.0:
     raise ValueError(f"adversarial.ratio={ratio}: expected a fraction in [0, 1]")
-  eps = float(_get(cfg, "eps", 0.1))
   if eps < 0:
     raise ValueError(f"adversarial.eps={eps}: expected >= 0")
-  steps = int(_get(cfg, "steps", 3))
-  step_frac = float(_get(cfg, "step_frac", 0.5))
-  random_eps = bool(_get(cfg, "random_eps", False))
-  brain_only = bool(_get(cfg, "brain_only", True))
 
   def transform(params, batch, key):
     image, label = batch["image"], batch["label"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import time
 from typing import Sequence
 
@@ -88,8 +89,12 @@ def attack_cost(name: str, attack_cfg) -> int:
   return int(attack_cfg.steps) * restarts
 
 
+@functools.lru_cache(maxsize=8)
 def make_scorer(apply_fn):
-  """Jitted `score(params, xs (E, B, *S, C), labels, brain, target) -> dice (E, B, 3), ce (E, B), ce_target (E, B)`."""
+  """Jitted `score(params, xs (E, B, *S, C), labels, brain, target) -> dice (E, B, 3), ce (E, B), ce_target (E, B)`.
+
+  Cached per apply_fn, so the three models (same architecture, params as arguments) share one compilation.
+  """
 
   def one(params, x, labels, brain, target):
     logits = apply_fn(params, x)

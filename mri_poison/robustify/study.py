@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 
 from mri_poison import io_utils
+from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import figures
 from mri_poison.report import nifti
 from mri_poison.report import tables
@@ -46,17 +47,6 @@ def _check_config(config) -> None:
     raise ValueError(f"config eval.example_attack={config.eval.example_attack!r}: expected one of {ATTACKS}")
 
 
-def _config_dict(config) -> dict:
-  return json.loads(json.dumps(config.to_dict(), default=io_utils._json_default))  # pylint: disable=protected-access
-
-
-def _digest(obj) -> str:
-  import hashlib
-  text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=io_utils._json_default)  # pylint: disable=protected-access
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-
 # ------------------------------------------------------------------------------------------------ the study
 
 
@@ -69,7 +59,7 @@ def _stack(cases) -> dict:
       raise ValueError(f"validation case {c.case_id} has no label")
   image = np.stack([c.image for c in cases]).astype(np.float32)
   return {"image": image, "label": np.stack([c.label for c in cases]).astype(np.int32),
-          "brain": np.any(image != 0, axis=-1), "case_id": [c.case_id for c in cases]}
+          "brain": brain_mask(image), "case_id": [c.case_id for c in cases]}
 
 
 def _nearest(values, target) -> float:
@@ -93,9 +83,8 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     raise ValueError(f"workdir {workdir}: cannot create it ({e})") from e
   if not os.access(workdir, os.W_OK):
     raise ValueError(f"workdir {workdir}: not writable")
-  cfg_dict = _config_dict(config)
-  digest = _digest(cfg_dict)
-  io_utils.write_json(os.path.join(workdir, "config.json"), {"config": cfg_dict, "hash": digest})
+  digest = workdir_lib.config_hash(config)
+  io_utils.write_json(os.path.join(workdir, "config.json"), {"config": workdir_lib.config_dict(config), "hash": digest})
   manifest = workdir_lib.start_manifest(workdir, seed=int(config.seed), config_digest=digest, start_step=0)
   status = "failed"
   try:

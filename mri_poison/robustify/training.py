@@ -32,7 +32,7 @@ def _sub_config(config, train_updates: dict | None = None, **extra) -> ml_collec
 
 
 def train_models(config, workdir: str, train_cases) -> dict[str, Any]:
-  """{"base", "undefended", "teacher", "distilled", "adversarial"} params, trained (or resumed) in workdir/models/<name>.
+  """{"base", "undefended", "teacher", "distilled", "adversarial"} params, trained (or resumed) in models/<name>.
 
   Every compared model gets the same number of steps: "base" is trained for train.steps, then the undefended
   model, the distillation pair and the adversarial model each continue from it for the same fine-tuning budget
