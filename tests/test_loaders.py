@@ -1,5 +1,6 @@
 """Tests for the BraTS / MSD NIfTI loaders: round trips, label remaps, discovery, and every kind of bad input."""
 import gzip
+import logging
 import os
 
 import nibabel as nib
@@ -35,10 +36,11 @@ def _synthetic(seed, shape=SHAPE):
   return image.astype(np.int16), label
 
 
-def _save(path, data, affine=None):
+def _save(path, data, affine=None, zooms=None):
+  """Writes a NIfTI file; header voxel sizes from the affine unless `zooms` says otherwise (a broken header)."""
   img = nib.Nifti1Image(np.asarray(data), _affine() if affine is None else affine)
-  img.header.set_zooms(tuple(float(z) for z in np.sqrt((img.affine[:3, :3] ** 2).sum(0)))
-                       + tuple(1.0 for _ in range(np.ndim(data) - 3)))
+  zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0)) if zooms is None else zooms
+  img.header.set_zooms(tuple(float(z) for z in zooms) + tuple(1.0 for _ in range(np.ndim(data) - 3)))
   nib.save(img, str(path))
   return str(path)
 
@@ -269,3 +271,97 @@ def test_bad_case_refs(tmp_path):
   assert "does not exist" in _raises(str(tmp_path / "nope"), loaders.load_case, tmp_path / "nope")
   (tmp_path / "empty_case").mkdir()
   _raises("no BraTS files found", loaders.load_brats_case, tmp_path / "empty_case")
+
+
+@pytest.mark.parametrize("naming", ["2021", "2023"])
+@pytest.mark.parametrize("keep_own", [False, True])
+def test_file_named_for_another_case(tmp_path, naming, keep_own):
+  folder, image, _ = _write_case(tmp_path, naming)
+  other = "BraTS2021_00008" if naming == "2021" else "BraTS-GLI-00008-000"
+  sep, table = SUFFIX[naming]
+  stray = _save(os.path.join(folder, f"{other}{sep}{table['t2']}.nii.gz"), image[..., 2])
+  if not keep_own:  # the case's own T2 is missing and another case's T2 sits in its place
+    os.remove(_file(folder, "t2", naming))
+  msg = _raises(f"named for case '{other}' but it lies in the folder of case '{os.path.basename(folder)}'",
+                loaders.load_brats_case, folder)
+  assert stray in msg and os.path.basename(_file(folder, "t2", naming)) in msg
+  # The same file in its own case's folder loads.
+  os.makedirs(tmp_path / other)
+  os.rename(stray, tmp_path / other / os.path.basename(stray))
+  for m in ("t1", "t1ce", "flair"):
+    os.symlink(_file(folder, m, naming), _file(str(tmp_path / other), m, naming))
+  np.testing.assert_array_equal(loaders.load_brats_case(tmp_path / other).image[..., 2], image[..., 2])
+
+
+def test_spacing_comes_from_the_affine_and_must_match_the_header(tmp_path):
+  # An oblique affine: the spacing is the norms of its columns, whatever the rotation.
+  folder, _, _ = _write_case(tmp_path, "2021", seg=False)
+  angle = 0.3
+  rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+  oblique = np.eye(4)
+  oblique[:3, :3] = rotation @ np.diag([0.9, 1.1, 2.5])
+  for m in MODALITIES:
+    _save(_file(folder, m), nib.load(_file(folder, m)).get_fdata().astype(np.int16), affine=oblique)
+  np.testing.assert_allclose(loaders.load_brats_case(folder).spacing, (0.9, 1.1, 2.5), rtol=1e-6)
+  # A 1 mm header on a 6.25 mm affine would silently scale every distance (HD95) by 6.25.
+  folder, image, _ = _write_case(tmp_path / "b", "2021", seg=False)
+  coarse = _affine(spacing=(6.25, 6.25, 6.25))
+  for m, c in zip(MODALITIES, range(4)):
+    _save(_file(folder, m), image[..., c], affine=coarse, zooms=(1.0, 1.0, 1.0) if m == "t1ce" else None)
+  msg = _raises(r"header voxel sizes \(1, 1, 1\) mm disagree with the affine's \(6.25, 6.25, 6.25\) mm",
+                loaders.load_brats_case, folder, ("t1", "t1ce"))
+  assert _file(folder, "t1ce") in msg and "relative tolerance 0.001" in msg
+  # Float32 rounding of the header is within tolerance.
+  _save(_file(folder, "t1ce"), image[..., 1], affine=coarse, zooms=(6.25 * (1 + 1e-6),) * 3)
+  assert loaders.load_brats_case(folder, ("t1", "t1ce")).spacing == (6.25, 6.25, 6.25)
+
+
+@pytest.mark.parametrize("key", ["flair", "seg"])
+def test_spacing_differs_between_files_of_a_case(tmp_path, key):
+  folder, image, label = _write_case(tmp_path, "2021")
+  data = np.where(label == 3, 4, label).astype(np.uint8) if key == "seg" else image[..., 3]
+  _save(_file(folder, key), data, affine=_affine(spacing=(1.0, 1.2 * 1.01, 1.5)))  # header consistent
+  # Checked even where the affine tolerance is relaxed: the spacings themselves differ by 1%.
+  msg = _raises(r"voxel spacing \(1, 1.212, 1.5\) mm differs from that of .* \(1, 1.2, 1.5\) mm",
+                loaders.load_brats_case, folder, affine_tol=1.0)
+  assert _file(folder, key) in msg and _file(folder, "t1") in msg
+
+
+def test_all_zero_modality(tmp_path, caplog):
+  folder, image, _ = _write_case(tmp_path, "2023")
+  _save(_file(folder, "t2", "2023"), np.zeros_like(image[..., 2]))
+  msg = _raises("every voxel is 0", loaders.load_case, folder)
+  assert _file(folder, "t2", "2023") in msg and "allow_empty_modality=True" in msg
+  with caplog.at_level(logging.WARNING):
+    case = loaders.load_case(folder, allow_empty_modality=True)
+  assert "every voxel is 0" in caplog.text
+  assert not case.image[..., 2].any() and case.image[..., 3].any()
+  # MSD: one channel of the 4D image.
+  (path, image, _), = _write_msd(tmp_path / "msd", n=1)
+  msd = image[..., [3, 0, 1, 2]].astype(np.float32)
+  msd[..., 1] = 0  # T1w
+  _save(path, msd)
+  assert path in _raises("channel 't1': every voxel is 0", loaders.load_case, path)
+  assert loaders.load_case(path, ("flair", "t2")).image.any(axis=(0, 1, 2)).all()  # T1 not asked for
+
+
+def test_dangling_symlink_and_symlink_loop(tmp_path):
+  folder, _, _ = _write_case(tmp_path, "2021")
+  t1 = _file(folder, "t1")
+  os.remove(t1)
+  os.symlink(tmp_path / "elsewhere" / "t1.nii.gz", t1)
+  msg = _raises("dangling symlink", loaders.load_brats_case, folder)
+  assert t1 in msg and str(tmp_path / "elsewhere" / "t1.nii.gz") in msg and "does not exist" in msg
+  os.remove(t1)
+  os.symlink(tmp_path / "loop_b", t1)
+  os.symlink(t1, tmp_path / "loop_b")
+  msg = _raises("symlink loop", loaders.load_brats_case, folder)
+  assert t1 in msg and "dangling symlink" not in msg
+  # A broken case reference and a broken MSD label link are named as such too, not "no label".
+  os.symlink(tmp_path / "gone", tmp_path / "case_link")
+  assert str(tmp_path / "case_link") in _raises("dangling symlink", loaders.load_case, tmp_path / "case_link")
+  (path, _, _), = _write_msd(tmp_path / "msd", n=1)
+  label = loaders.msd_label_path(path)
+  os.remove(label)
+  os.symlink(tmp_path / "gone.nii.gz", label)
+  assert label in _raises("dangling symlink", loaders.load_case, path)

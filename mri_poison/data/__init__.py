@@ -4,4 +4,5 @@ from mri_poison.data.loaders import list_cases, load_brats_case, load_case, load
 from mri_poison.data.preprocess import (brain_mask, crop_to_brain, extract_slices, pad_or_crop, preprocess_case,
                                        resample, zscore)
 from mri_poison.data.datasets import default_data_config, load_splits
-from mri_poison.data.pipeline import train_iterator
+from mri_poison.data.pipeline import (cut_patch, paste_patch, stack_datasets, train_dataset, train_iterator,
+                                      zip_datasets)

@@ -5,14 +5,23 @@ Recognised without being told (see ../../shared/docs/architecture.md):
   BraTS 2023+:     `<id>/<id>-{t1n,t1c,t2w,t2f,seg}.nii[.gz]`, labels {0,1,2,3}.
   MSD Task01:      `imagesTr/BRATS_xxx.nii.gz` 4D (FLAIR, T1w, T1gd, T2w), `labelsTr/BRATS_xxx.nii.gz` labels
                    1 oedema, 2 non-enhancing, 3 enhancing (-> 2, 1, 3).
-Voxel order is the file's own (no reorientation); the affine is the file's, spacing its header zooms. Every bad
-input raises one `DataError` naming the offending file and what was expected.
+Voxel order is the file's own (no reorientation); the affine is the file's and the spacing the affine's (norms of
+its 3x3 columns), which must agree with the header's voxel sizes. Every bad input raises one `DataError` naming
+the offending file and what was expected; among them:
+  - a BraTS file whose name does not carry its folder's case id (`BraTS2021_00001_t2.nii.gz` in `BraTS2021_00000/`);
+  - header voxel sizes that disagree with the affine, or spacings that differ between the files of a case
+    (relative tolerance `SPACING_RTOL`), shapes or affines that differ (absolute tolerance `AFFINE_TOL`);
+  - an all-zero modality (unless `allow_empty_modality=True`, which logs a warning instead);
+  - a dangling symlink or a symlink loop (named as such), a missing, truncated or corrupt file.
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 from typing import Sequence
 
+from absl import logging
 import nibabel as nib
 import numpy as np
 
@@ -22,6 +31,9 @@ NIFTI_EXTS = (".nii.gz", ".nii")
 # Largest absolute difference (mm, or unitless for the rotation/zoom part) tolerated between the affines of the
 # files of one case: headers written by different tools differ in float rounding, not in geometry.
 AFFINE_TOL = 1e-3
+# Largest relative difference tolerated between a file's header voxel sizes and its affine's, and between the
+# spacings of the files of one case: float32 rounding is ~1e-7; a wrong header (1 mm on a 6.25 mm grid) is not.
+SPACING_RTOL = 1e-3
 
 # Per BraTS naming: separator between case id and suffix, and the suffix of each modality (and "seg").
 # Modalities not in the table (e.g. the phantom's "ct") use their own name as suffix.
@@ -40,10 +52,15 @@ MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")
 
 
 def load_brats_case(path: str | os.PathLike, modalities: Sequence[str] = MODALITIES, *,
-                    affine_tol: float = AFFINE_TOL) -> Case:
-  """A BraTS case folder (2018-2021 or 2023+ naming, detected) as a Case; label None when there is no seg file."""
+                    affine_tol: float = AFFINE_TOL, allow_empty_modality: bool = False) -> Case:
+  """A BraTS case folder (2018-2021 or 2023+ naming, detected) as a Case; label None when there is no seg file.
+
+  Every file name must be `<folder name><suffix>.nii[.gz]`. `allow_empty_modality=True` accepts an all-zero
+  modality with a logged warning instead of raising.
+  """
   path = os.fspath(path)
   if not os.path.isdir(path):
+    _check_not_broken_link(path, "a BraTS case folder")
     raise DataError(f"{path}: expected a BraTS case folder, but it is not a directory")
   case_id = os.path.basename(os.path.normpath(path))
   naming = _detect_naming(path)
@@ -57,31 +74,33 @@ def load_brats_case(path: str | os.PathLike, modalities: Sequence[str] = MODALIT
   files = {m: _find_file(path, case_id, naming, m, required=True) for m in modalities}
   seg_file = _find_file(path, case_id, naming, "seg", required=False)
 
-  ref_file = files[modalities[0]]
   ref = None
   channels = []
   for m in modalities:
     data, img = _read_volume(files[m], ndim=3)
-    if ref is None:  # every other volume must share the first one's grid
-      ref = (files[m], data.shape, img)
-    _check_same_grid(files[m], data.shape, img.affine, ref, affine_tol)
+    grid = _Grid(files[m], data.shape, np.asarray(img.affine, np.float64), _spacing(img, files[m]))
+    ref = grid if ref is None else ref  # every other volume must share the first one's grid
+    _check_same_grid(grid, ref, affine_tol)
+    _check_not_empty(data, files[m], allow_empty_modality)
     channels.append(data.astype(np.float32, copy=False))
   image = np.stack(channels, axis=-1)
   label = None
   if seg_file is not None:
     seg, img = _read_volume(seg_file, ndim=3, is_label=True)
-    _check_same_grid(seg_file, seg.shape, img.affine, ref, affine_tol)
+    _check_same_grid(_Grid(seg_file, seg.shape, np.asarray(img.affine, np.float64), _spacing(img, seg_file)), ref,
+                     affine_tol)
     label = remap_labels(seg, naming, seg_file)
-  ref_img = ref[2]
-  return Case(image=image, modalities=modalities, label=label, affine=np.asarray(ref_img.affine, np.float64),
-              spacing=_spacing(ref_img, ref_file), case_id=case_id)
+  return Case(image=image, modalities=modalities, label=label, affine=ref.affine, spacing=ref.spacing,
+              case_id=case_id)
 
 
 def load_msd_case(image_path: str | os.PathLike, label_path: str | os.PathLike | None = None,
-                  modalities: Sequence[str] = MODALITIES, *, affine_tol: float = AFFINE_TOL) -> Case:
+                  modalities: Sequence[str] = MODALITIES, *, affine_tol: float = AFFINE_TOL,
+                  allow_empty_modality: bool = False) -> Case:
   """An MSD Task01 4D image (channels FLAIR, T1w, T1gd, T2w), reordered to `modalities`; label from `label_path`.
 
   `label_path=None` loads no label (use `load_case`, or `msd_label_path`, to find the matching labelsTr file).
+  `allow_empty_modality=True` accepts an all-zero channel with a logged warning instead of raising.
   """
   image_path = os.fspath(image_path)
   modalities = tuple(modalities)
@@ -92,15 +111,19 @@ def load_msd_case(image_path: str | os.PathLike, label_path: str | os.PathLike |
   if data.shape[-1] != len(MSD_CHANNELS):
     raise DataError(f"{image_path}: expected an MSD Task01 4D image with {len(MSD_CHANNELS)} channels "
                     f"{MSD_CHANNELS}, got shape {data.shape}")
+  grid = _Grid(image_path, data.shape[:3], np.asarray(img.affine, np.float64), _spacing(img, image_path))
+  for m in modalities:
+    _check_not_empty(data[..., MSD_CHANNELS.index(m)], image_path, allow_empty_modality, f"channel {m!r}: ")
   image = np.ascontiguousarray(data[..., [MSD_CHANNELS.index(m) for m in modalities]], dtype=np.float32)
   label = None
   if label_path is not None:
     label_path = os.fspath(label_path)
     seg, seg_img = _read_volume(label_path, ndim=3, is_label=True)
-    _check_same_grid(label_path, seg.shape, seg_img.affine, (image_path, data.shape[:3], img), affine_tol)
+    _check_same_grid(_Grid(label_path, seg.shape, np.asarray(seg_img.affine, np.float64),
+                           _spacing(seg_img, label_path)), grid, affine_tol)
     label = remap_labels(seg, "msd", label_path)
-  return Case(image=image, modalities=modalities, label=label, affine=np.asarray(img.affine, np.float64),
-              spacing=_spacing(img, image_path), case_id=_strip_ext(os.path.basename(image_path)))
+  return Case(image=image, modalities=modalities, label=label, affine=grid.affine, spacing=grid.spacing,
+              case_id=_strip_ext(os.path.basename(image_path)))
 
 
 def msd_label_path(image_path: str | os.PathLike) -> str | None:
@@ -108,7 +131,8 @@ def msd_label_path(image_path: str | os.PathLike) -> str | None:
   image_path = os.path.abspath(os.fspath(image_path))
   root = os.path.dirname(os.path.dirname(image_path))
   candidate = os.path.join(root, "labelsTr", os.path.basename(image_path))
-  return candidate if os.path.isfile(candidate) else None
+  # lexists, not isfile: a broken label link is reported by the loader, not taken for "no label".
+  return candidate if os.path.lexists(candidate) else None
 
 
 def list_cases(root: str | os.PathLike) -> list[str]:
@@ -137,13 +161,15 @@ def list_cases(root: str | os.PathLike) -> list[str]:
   return sorted(refs)
 
 
-def load_case(ref: str | os.PathLike, modalities: Sequence[str] = MODALITIES) -> Case:
+def load_case(ref: str | os.PathLike, modalities: Sequence[str] = MODALITIES, *,
+              allow_empty_modality: bool = False) -> Case:
   """Loads a `list_cases` reference: a BraTS case folder, or an MSD image file (with its labelsTr label if any)."""
   ref = os.fspath(ref)
   if os.path.isdir(ref):
-    return load_brats_case(ref, modalities)
+    return load_brats_case(ref, modalities, allow_empty_modality=allow_empty_modality)
   if os.path.isfile(ref) and ref.endswith(NIFTI_EXTS):
-    return load_msd_case(ref, msd_label_path(ref), modalities)
+    return load_msd_case(ref, msd_label_path(ref), modalities, allow_empty_modality=allow_empty_modality)
+  _check_not_broken_link(ref, "a BraTS case folder or an MSD Task01 image file")
   raise DataError(f"{ref}: expected a BraTS case folder or an MSD Task01 image file (*.nii.gz), "
                   f"but it {'is not a NIfTI file' if os.path.exists(ref) else 'does not exist'}")
 
@@ -199,6 +225,13 @@ def _find_file(path, case_id, naming, key, *, required):
   suffix = _suffix(naming, key)
   matches = sorted(f for f in os.listdir(path)
                    if not f.startswith(".") and f.endswith(NIFTI_EXTS) and _strip_ext(f).endswith(suffix))
+  # A file of another case copied into this folder has the right suffix; only the case id tells it apart.
+  foreign = [f for f in matches if _strip_ext(f) != case_id + suffix]
+  if foreign:
+    other = _strip_ext(foreign[0])[:-len(suffix)]
+    raise DataError(f"{os.path.join(path, foreign[0])}: named for case {other!r} but it lies in the folder of case "
+                    f"{case_id!r}; expected {case_id}{suffix}.nii.gz (or .nii): BraTS file names carry their "
+                    "folder's case id")
   if len(matches) > 1:
     raise DataError(f"{path}: several files for {key!r}: {matches}; expected exactly one {case_id}{suffix}.nii.gz "
                     "(or .nii)")
@@ -213,7 +246,9 @@ def _find_file(path, case_id, naming, key, *, required):
 def _read_volume(path, *, ndim, is_label=False):
   """(data, nibabel image) with data fully read and checked: dimensionality, finite values, integer labels."""
   if not os.path.isfile(path):
-    raise DataError(f"{path}: file does not exist; expected a NIfTI file")
+    _check_not_broken_link(path, "a NIfTI file")
+    what = "is not a regular file" if os.path.exists(path) else "file does not exist"
+    raise DataError(f"{path}: {what}; expected a NIfTI file")
   try:
     img = nib.load(path)
     # Reading the data here (not lazily later) surfaces truncated / corrupt payloads as one clear error.
@@ -235,19 +270,67 @@ def _read_volume(path, *, ndim, is_label=False):
   return data, img
 
 
-def _check_same_grid(path, shape, affine, ref, tol):
-  ref_path, ref_shape, ref_img = ref
-  if tuple(shape[:3]) != tuple(ref_shape[:3]):
-    raise DataError(f"{path}: shape {tuple(shape)} differs from {ref_path} shape {tuple(ref_shape)}; expected all "
-                    "volumes of a case on one voxel grid")
-  diff = float(np.abs(np.asarray(affine, np.float64) - np.asarray(ref_img.affine, np.float64)).max())
-  if diff > tol:
-    raise DataError(f"{path}: affine differs from that of {ref_path} by up to {diff:.4g} (tolerance {tol:g}); "
-                    f"expected all volumes of a case in one space\n{np.asarray(affine)}\nvs\n{ref_img.affine}")
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+  """Where a file's voxels lie: its path (for messages), array shape, affine and spacing from the affine."""
+  path: str
+  shape: tuple[int, ...]
+  affine: np.ndarray
+  spacing: tuple[float, float, float]
 
 
-def _spacing(img, path):
-  zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-  if len(zooms) != 3 or min(zooms) <= 0:
-    raise DataError(f"{path}: header voxel sizes {zooms}; expected three positive spacings")
-  return zooms
+def _check_same_grid(grid: _Grid, ref: _Grid, affine_tol: float, spacing_rtol: float = SPACING_RTOL):
+  if tuple(grid.shape[:3]) != tuple(ref.shape[:3]):
+    raise DataError(f"{grid.path}: shape {tuple(grid.shape)} differs from {ref.path} shape {tuple(ref.shape)}; "
+                    "expected all volumes of a case on one voxel grid")
+  diff = float(np.abs(grid.affine - ref.affine).max())
+  if diff > affine_tol:
+    raise DataError(f"{grid.path}: affine differs from that of {ref.path} by up to {diff:.4g} (tolerance "
+                    f"{affine_tol:g}); expected all volumes of a case in one space\n{grid.affine}\nvs\n{ref.affine}")
+  spacing, ref_spacing = np.asarray(grid.spacing), np.asarray(ref.spacing)
+  if np.any(np.abs(spacing - ref_spacing) > spacing_rtol * ref_spacing):
+    raise DataError(f"{grid.path}: voxel spacing {_mm(spacing)} differs from that of {ref.path}, "
+                    f"{_mm(ref_spacing)} (relative tolerance {spacing_rtol:g}); expected one voxel size per case")
+
+
+def _spacing(img, path, rtol: float = SPACING_RTOL) -> tuple[float, float, float]:
+  """Voxel size (mm) per axis from the affine (norms of its 3x3 columns), checked against the header's zooms.
+
+  The affine is what places voxels in the world (and what resampling and HD95 use); a header whose voxel sizes
+  disagree with it by more than `rtol` (relative) is a broken file, not a rounding difference.
+  """
+  spacing = np.sqrt((np.asarray(img.affine, np.float64)[:3, :3] ** 2).sum(axis=0))
+  if not np.all(np.isfinite(spacing)) or spacing.min() <= 0:
+    raise DataError(f"{path}: the affine gives voxel sizes {_mm(spacing)}; expected three positive spacings")
+  zooms = np.asarray(img.header.get_zooms()[:3], np.float64)
+  if zooms.shape != (3,) or np.any(np.abs(zooms - spacing) > rtol * spacing):
+    raise DataError(f"{path}: header voxel sizes {_mm(zooms)} disagree with the affine's {_mm(spacing)} "
+                    f"(relative tolerance {rtol:g}); expected one geometry (fix the header's pixdim or the affine)")
+  return tuple(float(v) for v in spacing)
+
+
+def _mm(values) -> str:
+  return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ") mm"
+
+
+def _check_not_empty(data, path, allow_empty, what=""):
+  if data.any():
+    return
+  message = f"{path}: {what}every voxel is 0; expected an image (an empty modality is a failed export or copy)"
+  if not allow_empty:
+    raise DataError(message + "; pass allow_empty_modality=True to accept it")
+  logging.warning("%s; accepted (allow_empty_modality=True)", message)
+
+
+def _check_not_broken_link(path, expected):
+  """Raises a DataError naming a dangling symlink or a symlink loop at `path`; returns otherwise."""
+  if not os.path.islink(path) or os.path.exists(path):
+    return
+  try:
+    os.stat(path)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise DataError(f"{path}: symlink loop (it resolves through {os.readlink(path)} back to itself); "
+                      f"expected {expected}") from e
+  raise DataError(f"{path}: dangling symlink to {os.path.realpath(path)}, which does not exist; expected "
+                  f"{expected}")

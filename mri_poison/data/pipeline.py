@@ -7,12 +7,29 @@ stream is a pure function of (source, config, seed, shard) and the iterator stat
 
 `data_cfg.batch_size` is the GLOBAL batch (big_vision convention): each process yields
 `batch_size // shard_count` examples per step, drawn from its own disjoint subset of the source records.
+
+Besides "image" and "label", every example says where it came from, so that per-record tensors (study 4's
+per-case error-minimising noise, a per-case gradient sum) can be gathered for a batch and written back:
+
+  "index"    int32 ()    the record's position in the ORIGINAL source (also under per-process sharding).
+  "origin"   int32 (R,)  where the patch starts in the record's voxel grid; R is the record's spatial rank.
+                         3D mode: (x0, y0, z0). 2D mode from volume records: (x0, y0, z), z = the axial slice
+                         taken. 2D mode from slice records: (x0, y0). An entry is negative (and the patch runs
+                         past the grid's end) along an axis where the grid is smaller than the patch: the patch
+                         is the grid zero-padded, centred.
+  "flipped"  bool (P,)   per patch axis: the patch was mirrored along it (`augment.flip`).
+
+The stored image and label are AFTER the flips, and the image after the intensity augmentation. Hence, with the
+intensity augmentation off, `cut_patch(record_image, origin, patch_shape, flipped)` is the example's image, and
+`paste_patch` maps a per-voxel patch (a gradient, a noise update) back onto the record's grid.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import grain
+import grain.experimental
 import numpy as np
 
 from mri_poison.data.case import Case, DataError
@@ -20,13 +37,17 @@ from mri_poison.data.case import Case, DataError
 
 def train_iterator(source, data_cfg, *, seed: int, shard_index: int | None = None,
                    shard_count: int | None = None) -> grain.DatasetIterator:
-  """Infinite iterator of {"image": (B, *patch, C) f32, "label": (B, *patch) i32}; has get_state/set_state."""
+  """Infinite iterator of batches; has get_state/set_state.
+
+  A batch: {"image": (B, *patch, C) f32, "label": (B, *patch) i32, "index": (B,) i32, "origin": (B, R) i32,
+  "flipped": (B, P) bool} (see the module docstring for index / origin / flipped).
+  """
   return iter(train_dataset(source, data_cfg, seed=seed, shard_index=shard_index, shard_count=shard_count))
 
 
 def train_dataset(source, data_cfg, *, seed: int, shard_index: int | None = None,
                   shard_count: int | None = None) -> grain.IterDataset:
-  """The `grain.IterDataset` behind `train_iterator` (for callers that want to add stages)."""
+  """The `grain.IterDataset` behind `train_iterator` (for callers that want to add stages or zip streams)."""
   shard_index, shard_count = _resolve_shard(shard_index, shard_count)
   mode = str(data_cfg.mode)
   patch_shape = tuple(int(p) for p in data_cfg.patch_shape)
@@ -52,27 +73,73 @@ def train_dataset(source, data_cfg, *, seed: int, shard_index: int | None = None
   if len(ds) < shard_count:
     raise DataError(f"pipeline source has {len(ds)} records, fewer than the {shard_count} processes that "
                     "must each get a disjoint share (raise data_cfg.n_cases or use fewer processes)")
+  # Tag each record with its position in the source before sharding, so examples can name it. The tag stays
+  # upstream of `.seed`: grain derives the shuffle and random_map seeds from their distance to the seed node,
+  # and any stage between them would change the image/label stream for a given seed.
+  ds = ds.map_with_index(functools.partial(_tag_with_index, len(ds)))
   # Shard the records (not the stream) so processes see disjoint cases, as with grain's ShardByJaxProcess.
   ds = ds[shard_index::shard_count]
   ds = ds.seed(int(seed)).shuffle().repeat(None)  # new permutation every epoch, infinite
-  ds = ds.map(as_example)
+  ds = ds.map(_indexed_example)
 
   def sample(example, rng: np.random.Generator):
+    # The order and number of rng draws here fix the stream for a seed: change them and every run changes.
     image, label = example["image"], example["label"]
+    slice_index = ()
     if mode == "2d" and image.ndim == 4:
-      image, label = _sample_slice(image, label, tumour_fraction, rng)
+      z = _sample_slice_index(image, label, tumour_fraction, rng)
+      image, label, slice_index = image[:, :, z], label[:, :, z], (z,)
     if image.ndim != len(patch_shape) + 1:
       raise DataError(f"pipeline: record image has shape {image.shape}, which does not fit "
                       f"data_cfg.mode={mode!r} with data_cfg.patch_shape={patch_shape}")
-    image, label = sample_patch(image, label, patch_shape, fg_fraction, rng)
-    image, label = augment(image, label, rng, flip=flip, scale=scale, shift=shift)
-    return {"image": image, "label": label}
+    origin = sample_origin(label, patch_shape, fg_fraction, rng)
+    image, label = cut_patch(image, origin, patch_shape), cut_patch(label, origin, patch_shape)
+    image, label, flipped = _augment(image, label, rng, flip=flip, scale=scale, shift=shift)
+    return {"image": image, "label": label, "index": example["index"],
+            "origin": np.asarray((*origin, *slice_index), np.int32), "flipped": flipped}
 
   ds = ds.random_map(sample)
   ds = ds.batch(batch_size // shard_count, drop_remainder=True)
   read = grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 4)),
                            prefetch_buffer_size=int(data_cfg.get("prefetch", 4)))
   return ds.to_iter_dataset(read)
+
+
+def zip_datasets(datasets: Mapping[str, grain.IterDataset | grain.MapDataset]) -> grain.IterDataset:
+  """Steps several datasets together: element `{name: element of datasets[name]}`, e.g. {"a": ..., "b": ...}.
+
+  For two-domain training (unpaired source- and target-domain batches) behind ONE iterator: the zipped
+  iterator's state is `{"parents": [state of each dataset, in the mapping's order]}`, JSON-able, so
+  `get_state`/`set_state` round-trip and `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore` (as
+  in `mri_poison.train.checkpoint`) save and restore both streams at once. Restore into an iterator zipped from
+  the same datasets in the same order. Built on grain's `ZipIterDataset`; finite datasets must have equal
+  lengths (a shorter one raises ValueError when it ends first).
+
+    pair = iter(zip_datasets({"a": train_dataset(src, cfg, seed=0), "b": train_dataset(tgt, cfg, seed=1)}))
+    batch = next(pair)  # batch["a"]["image"], batch["b"]["image"]
+  """
+  if not datasets:
+    raise ValueError("zip_datasets: expected at least one named dataset")
+  names = tuple(datasets)
+  bad = [n for n in names if not isinstance(n, str)]
+  if bad:
+    raise ValueError(f"zip_datasets: dataset names must be strings, got {bad}")
+  parents = [d.to_iter_dataset() if isinstance(d, grain.MapDataset) else d for d in datasets.values()]
+  return grain.experimental.ZipIterDataset(parents).map(functools.partial(_name_elements, names))
+
+
+def stack_datasets(datasets: Sequence[grain.IterDataset | grain.MapDataset], axis: int = 1) -> grain.IterDataset:
+  """Steps M datasets together and stacks their batches along `axis`: with batched datasets and axis 1, every
+  leaf is laid out (B, M, ...), the layout `train.parts.stacked_step(..., batch_axis=1)` gives model m slice m.
+  One savable state, as `zip_datasets`.
+  """
+  names = [str(i) for i in range(len(datasets))]
+  zipped = zip_datasets(dict(zip(names, datasets)))
+  return zipped.map(lambda d: _stack_elements([d[n] for n in names], axis))
+
+
+def _stack_elements(elements: Sequence[Mapping[str, Any]], axis: int) -> dict[str, np.ndarray]:
+  return {k: np.stack([e[k] for e in elements], axis=axis) for k in elements[0]}
 
 
 def as_example(record: Case | Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -88,28 +155,99 @@ def as_example(record: Case | Mapping[str, Any]) -> dict[str, np.ndarray]:
   return {"image": np.asarray(image, np.float32), "label": np.asarray(label, np.int32)}
 
 
+def sample_origin(label: np.ndarray, patch_shape: Sequence[int], fg_fraction: float,
+                  rng: np.random.Generator) -> np.ndarray:
+  """Start (int per spatial axis of `label`'s grid) of a `patch_shape` window; a tumour voxel's w.p. fg_fraction.
+
+  Where the grid is smaller than the patch, the window is the grid zero-padded (centred, the odd voxel after)
+  and its start is negative. Else the window lies inside the grid; a tumour-centred window is shifted inwards.
+  """
+  spatial = np.asarray(label.shape)
+  patch = np.asarray(patch_shape)
+  pad_before = np.maximum(patch - spatial, 0) // 2
+  high = np.maximum(spatial - patch, 0)  # largest start per axis on the padded grid
+  foreground = np.flatnonzero(label) if rng.random() < fg_fraction else np.empty(0)
+  if foreground.size:
+    centre = np.asarray(np.unravel_index(foreground[rng.integers(foreground.size)], label.shape)) + pad_before
+    start = np.clip(centre - patch // 2, 0, high)
+  else:
+    start = rng.integers(0, high + 1)
+  return start - pad_before
+
+
 def sample_patch(image: np.ndarray, label: np.ndarray, patch_shape: Sequence[int], fg_fraction: float,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """Crops `patch_shape` (zero-padding if the grid is smaller); centred on a tumour voxel w.p. fg_fraction."""
-  spatial = image.shape[:-1]
-  pad = [max(p - s, 0) for p, s in zip(patch_shape, spatial)]
-  if any(pad):
-    widths = [(q // 2, q - q // 2) for q in pad]
-    image = np.pad(image, widths + [(0, 0)])
-    label = np.pad(label, widths)
-    spatial = image.shape[:-1]
-  high = np.asarray(spatial) - np.asarray(patch_shape)  # largest valid start per axis
-  foreground = np.flatnonzero(label) if rng.random() < fg_fraction else np.empty(0)
-  if foreground.size:
-    centre = np.asarray(np.unravel_index(foreground[rng.integers(foreground.size)], spatial))
-    start = np.clip(centre - np.asarray(patch_shape) // 2, 0, high)
+  origin = sample_origin(label, patch_shape, fg_fraction, rng)
+  return cut_patch(image, origin, patch_shape), cut_patch(label, origin, patch_shape)
+
+
+def cut_patch(volume: np.ndarray, origin: Sequence[int], patch_shape: Sequence[int],
+              flipped: Sequence[bool] | None = None) -> np.ndarray:
+  """`volume[origin : origin + patch_shape]`, zero where the window leaves the grid, then flipped as recorded.
+
+  `volume` is a record's array with its spatial axes first (an image (X, Y, Z, C), a label (X, Y, Z), a
+  per-case noise tensor). `origin` has one entry per spatial axis it indexes: the first `len(patch_shape)` are
+  window starts, any further ones pick a single index (2D patches of volumes: origin (x0, y0, z)). `flipped`
+  mirrors the patch along the marked patch axes, as the pipeline's flip augmentation did. Inside the grid and
+  unflipped the result is a view.
+  """
+  origin = [int(o) for o in origin]
+  patch_shape = tuple(int(p) for p in patch_shape)
+  rank = len(patch_shape)
+  if len(origin) < rank or volume.ndim < len(origin):
+    raise ValueError(f"cut_patch: origin {tuple(origin)} does not fit patch_shape {patch_shape} and volume "
+                     f"shape {volume.shape}")
+  volume = volume[(slice(None),) * rank + tuple(origin[rank:])]
+  inside, outside = _window(origin[:rank], patch_shape, volume.shape[:rank])
+  if all(s.start == 0 and s.stop == p for s, p in zip(outside, patch_shape)):
+    out = volume[inside]
   else:
-    start = rng.integers(0, high + 1)
-  window = tuple(slice(int(b), int(b) + p) for b, p in zip(start, patch_shape))
-  return image[window], label[window]
+    out = np.zeros(patch_shape + volume.shape[rank:], volume.dtype)
+    if all(s.stop > s.start for s in inside):
+      out[outside] = volume[inside]
+  axes = tuple(int(a) for a in np.flatnonzero(flipped)) if flipped is not None else ()
+  return np.flip(out, axes) if axes else out
 
 
-def _sample_slice(image, label, tumour_fraction, rng):
+def paste_patch(volume: np.ndarray, patch: np.ndarray, origin: Sequence[int],
+                flipped: Sequence[bool] | None = None, *, add: bool = False) -> None:
+  """Inverse of `cut_patch`, in place: writes (or with `add`, adds) the un-flipped `patch` at `origin`.
+
+  The part of the patch that lies outside the grid (the zero padding) is dropped. Use it to write a per-example
+  noise update or gradient back onto its record: `paste_patch(noise[index], grad, origin, flipped, add=True)`.
+  """
+  origin = [int(o) for o in origin]
+  patch = np.asarray(patch)
+  rank = patch.ndim - (volume.ndim - len(origin))  # patch spatial axes; the rest are channels
+  if rank < 1 or len(origin) < rank:
+    raise ValueError(f"paste_patch: patch shape {patch.shape} and origin {tuple(origin)} do not fit volume "
+                     f"shape {volume.shape}")
+  axes = tuple(int(a) for a in np.flatnonzero(flipped)) if flipped is not None else ()
+  if axes:
+    patch = np.flip(patch, axes)  # a flip is its own inverse
+  target = volume[(slice(None),) * rank + tuple(origin[rank:])]  # a view: writes reach `volume`
+  inside, outside = _window(origin[:rank], patch.shape[:rank], target.shape[:rank])
+  if not all(s.stop > s.start for s in inside):
+    return
+  if add:
+    target[inside] += patch[outside]
+  else:
+    target[inside] = patch[outside]
+
+
+def _window(origin, patch_shape, grid):
+  """(slices into the grid, matching slices into the patch) of the part of the window inside the grid."""
+  inside, outside = [], []
+  for o, p, g in zip(origin, patch_shape, grid):
+    lo, hi = min(max(o, 0), g), max(min(o + p, g), 0)
+    hi = max(hi, lo)
+    inside.append(slice(lo, hi))
+    outside.append(slice(lo - o, hi - o))
+  return tuple(inside), tuple(outside)
+
+
+def _sample_slice_index(image, label, tumour_fraction, rng) -> int:
   """An axial (last spatial axis) slice: a tumour slice w.p. tumour_fraction, else any slice with brain."""
   tumour = np.flatnonzero(label.any(axis=(0, 1)))
   if tumour.size and rng.random() < tumour_fraction:
@@ -117,7 +255,7 @@ def _sample_slice(image, label, tumour_fraction, rng):
   else:
     brain = np.flatnonzero((image != 0).any(axis=(0, 1, 3)))
     z = brain[rng.integers(brain.size)] if brain.size else rng.integers(image.shape[2])
-  return image[:, :, z], label[:, :, z]
+  return int(z)
 
 
 def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, flip: bool, scale: float,
@@ -126,13 +264,21 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, f
 
   The intensity change is applied inside the brain only, so background stays exactly 0 (the data contract).
   """
+  image, label, _ = _augment(image, label, rng, flip=flip, scale=scale, shift=shift)
+  return image, label
+
+
+def _augment(image, label, rng, *, flip, scale, shift):
+  """`augment` that also returns which patch axes it flipped (bool per spatial axis)."""
+  flipped = np.zeros(label.ndim, bool)
   if flip:
-    axes = tuple(int(a) for a in np.flatnonzero(rng.random(label.ndim) < 0.5))
+    flipped = rng.random(label.ndim) < 0.5
+    axes = tuple(int(a) for a in np.flatnonzero(flipped))
     if axes:
       image, label = np.flip(image, axes), np.flip(label, axes)  # views; the copies below make them contiguous
   label = np.ascontiguousarray(label, np.int32)
   if not (scale or shift):
-    return np.ascontiguousarray(image, np.float32), label
+    return np.ascontiguousarray(image, np.float32), label, flipped
   channels = image.shape[-1]
   gain = (1.0 + rng.uniform(-scale, scale, channels) if scale else np.ones(channels)).astype(np.float32)
   offset = (rng.uniform(-shift, shift, channels) if shift else np.zeros(channels)).astype(np.float32)
@@ -140,7 +286,21 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, f
   out = image * gain  # new contiguous float32 array; then in place
   out += offset
   out *= brain
-  return out, label
+  return out, label, flipped
+
+
+def _tag_with_index(n_records: int, index: int, record):
+  # Grain's indices run on past the length over epochs; the source reads record `index % n_records`.
+  return index % n_records, record
+
+
+def _indexed_example(tagged) -> dict[str, np.ndarray]:
+  index, record = tagged
+  return {**as_example(record), "index": np.int32(index)}
+
+
+def _name_elements(names, elements) -> dict[str, Any]:
+  return dict(zip(names, elements))
 
 
 def _resolve_shard(shard_index, shard_count):

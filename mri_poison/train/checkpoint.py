@@ -1,12 +1,15 @@
 """Orbax CheckpointManager for the train state plus the grain iterator state (per process).
 
-A checkpoint step directory holds two items: "state" (params, opt_state, step, rng; StandardSave) and "data"
+A checkpoint step directory holds two items: "state" (the whole train state pytree; StandardSave) and "data"
 (grain's per-process iterator state, process_{i}-of-{n}.json). Old checkpoints are pruned by a preservation
 policy (latest N, plus every `keep_every` steps if asked) rather than the deprecated max_to_keep options.
+Saves are synchronous by default, so a failed save (a full disk, a vanished folder) fails the run at that save
+with the OS error; the train states here are small next to the time between checkpoints.
 """
 from __future__ import annotations
 
 import os
+import shutil
 
 import grain
 import jax
@@ -15,7 +18,7 @@ from orbax.checkpoint import checkpoint_managers as cm
 
 
 def make_manager(directory: str, *, ckpt_every: int, keep: int = 2, keep_every: int = 0,
-                 async_save: bool = True) -> ocp.CheckpointManager:
+                 async_save: bool = False) -> ocp.CheckpointManager:
   preserve = [cm.LatestN(n=max(int(keep), 1))]
   if keep_every:
     preserve.append(cm.EveryNSteps(interval_steps=int(keep_every)))
@@ -41,6 +44,45 @@ def restore_state(manager: ocp.CheckpointManager, step: int, like):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   restored = manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
   return restored["state"]
+
+
+def restore_latest(manager: ocp.CheckpointManager, like, *, is_valid=None):
+  """(state, skipped) from the newest checkpoint that restores cleanly (and passes `is_valid(state)`), or None.
+
+  skipped: [(step, reason)] for newer checkpoints that failed; each is moved to
+  <checkpoints>_skipped/<step> (kept for inspection, out of the manager's way) so training can save that step
+  again. Raises RuntimeError naming every reason if none restores.
+  """
+  skipped = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = restore_state(manager, step, like)
+      if is_valid is not None and not is_valid(state):
+        raise ValueError("restored state has non-finite values")
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      skipped.append((int(step), f"{type(e).__name__}: {e}"[:300]))
+      _move_aside(manager, step)
+  else:
+    if not skipped:
+      return None
+    raise RuntimeError(f"no checkpoint in {manager.directory} restores: "
+                       + "; ".join(f"step {s}: {why}" for s, why in skipped)
+                       + ". They were moved to " + f"{manager.directory}_skipped; use a fresh --workdir.")
+  if skipped:
+    manager.reload()
+  return state, skipped
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+  src = os.path.join(os.fspath(manager.directory), str(int(step)))
+  dst_dir = os.fspath(manager.directory) + "_skipped"
+  if jax.process_index() == 0 and os.path.exists(src):
+    os.makedirs(dst_dir, exist_ok=True)
+    dst = os.path.join(dst_dir, str(int(step)))
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.replace(src, dst)
 
 
 def restore_data(manager: ocp.CheckpointManager, step: int, data_iterator) -> None:

@@ -43,10 +43,11 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, key: str = "data.
   return batch_size // jax.process_count()
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """This process's slice of a global batch (numpy) -> global arrays sharded on "data" (multi-host safe)."""
+def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """This process's slice of a global batch (a pytree of numpy arrays, e.g. {"a": {...}, "b": {...}} from
+  zipped streams) -> global arrays sharded on "data" along their leading axis (multi-host safe)."""
   sharding = data_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), dict(batch))
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):

@@ -74,8 +74,12 @@ def init_params(model: nn.Module, key: jax.Array, shape) -> Params:
 
 
 def lr_schedule(train_cfg) -> optax.Schedule:
-  """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at `steps`."""
-  steps, warmup = int(train_cfg.steps), int(train_cfg.warmup_steps)
+  """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at the horizon.
+
+  The horizon is `schedule_steps`, or `steps` when that is 0 or absent; a run extended past its horizon
+  (more `steps`, same `schedule_steps`) continues at the final learning rate.
+  """
+  steps, warmup = int(train_cfg.get("schedule_steps", 0) or train_cfg.steps), int(train_cfg.warmup_steps)
   lr = float(train_cfg.lr)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
