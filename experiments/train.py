@@ -6,19 +6,18 @@ Re-running the same command on the same workdir resumes from the latest checkpoi
 docstring for the variants and their commands.
 """
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import launch_utils
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/configs/unet.py:runlocal.",
-                                          lock_config=True)
+_CONFIG = launch_utils.define_config("experiments/configs/unet.py:runlocal")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go (resumable).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (where checkpoints, metrics and results go)")
   launch_utils.init_processes()
   from mri_poison.train.evaluate import train_and_evaluate
   summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -28,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run(main)

@@ -184,3 +184,21 @@ def test_more_steps_only_through_a_continuous_schedule(tmp_path):
   assert len(lrs) == 9
   np.testing.assert_allclose(lrs[6:], 1e-3, rtol=1e-5)  # the final value, continued: no jump at step 7
   assert all(a >= b - 1e-9 for a, b in zip(lrs[2:], lrs[3:]))
+
+
+def test_a_failed_save_fails_the_run_at_that_save(tmp_path):
+  import shutil
+
+  def break_checkpoints(state, step):
+    if step == 3:  # the folder vanishes under the run (a full or unmounted disk)
+      shutil.rmtree(tmp_path / "checkpoints")
+      (tmp_path / "checkpoints").write_text("not a folder")
+    return {}
+
+  with pytest.raises(Exception) as info:
+    trainer.fit(gan_config(8), str(tmp_path), init_state=gan_state(), step_fn=gan_step, data=vectors,
+                eval_fn=break_checkpoints)
+  assert "checkpoints" in str(info.value)
+  steps = [r["step"] for r in read_rows(tmp_path)]
+  assert max(steps) == 4  # stopped at the save of step 4, not later
+  assert json.load(open(tmp_path / "manifest.json"))["runs"][-1]["status"] == "failed"

@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Shared by the undefended model, the distillation teacher and the student.
   config.train = ml_collections.ConfigDict(dict(
       seed=0, steps=150, lr=3e-3, warmup_steps=10, min_lr_ratio=0.0, weight_decay=1e-5, grad_clip=1.0,
-      log_every=25, ckpt_every=100, keep_checkpoints=1, eval_every=0, loss="ce_dice"))
+      log_every=25, ckpt_every=100, keep_checkpoints=1, eval_every=0, loss="ce_dice",
+      schedule_steps=0))  # lr horizon; 0 = steps. To train a finished run longer, set it to the old steps
   config.distill = ml_collections.ConfigDict(dict(
       temperature=20.0,  # [paper: distillation at a temperature; T=20 default chosen here]
       teacher_loss="ce_dice",  # the teacher's loss on logits / T

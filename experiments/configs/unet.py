@@ -40,7 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dtype="float32", deep_supervision=False))
   config.train = ml_collections.ConfigDict(dict(
       seed=0, steps=1000, lr=2e-3, warmup_steps=50, min_lr_ratio=0.0, weight_decay=1e-5, grad_clip=1.0,
-      log_every=50, ckpt_every=500, keep_checkpoints=2, eval_every=0, loss="ce_dice"))
+      log_every=50, ckpt_every=500, keep_checkpoints=2, eval_every=0, loss="ce_dice",
+      schedule_steps=0))  # lr horizon; 0 = steps. To train a finished run longer, set it to the old steps
   config.eval = ml_collections.ConfigDict(dict(
       window=(32, 32, 32), overlap=0.5, sw_batch=4, slice_batch=8, pad_multiple=16, max_cases=0))
 

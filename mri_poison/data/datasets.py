@@ -38,6 +38,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       augment=dict(flip=True, scale=0.1, shift=0.1),
       read_threads=4,  # grain reader threads
       prefetch=4,  # batches prefetched
+      allow_empty_modality=False,  # brats: an all-zero modality is an error (True: a warning)
   ))
 
 
@@ -62,7 +63,8 @@ def load_splits(data_cfg) -> dict[str, list[Case]]:
     cases = phantom_cases(n_cases, seed=int(data_cfg.seed), phantom_shape=data_cfg.phantom_shape,
                           shape=shape, modalities=modalities)
   elif source == "brats":
-    cases = _folder_cases(str(data_cfg.root or ""), n_cases, shape, modalities)
+    cases = _folder_cases(str(data_cfg.root or ""), n_cases, shape, modalities,
+                          bool(data_cfg.get("allow_empty_modality", False)))
   elif source == "tfds":
     cases = _tfds_cases(data_cfg, n_cases, shape, modalities)
   else:
@@ -123,7 +125,7 @@ def select_modalities(case: Case, modalities, where: str) -> Case:
   return case.replace(image=np.ascontiguousarray(case.image[..., index]), modalities=modalities)
 
 
-def _folder_cases(root, n_cases, shape, modalities):
+def _folder_cases(root, n_cases, shape, modalities, allow_empty_modality=False):
   if not root:
     raise DataError("data_cfg.root: source='brats' needs the dataset root folder")
   from mri_poison.data.loaders import list_cases, load_case
@@ -132,7 +134,8 @@ def _folder_cases(root, n_cases, shape, modalities):
   if not refs:
     raise DataError(f"data_cfg.root: no cases found under {root}")
   # BraTS case ids are the folder names, so the first n_cases refs are the first n_cases by id.
-  cases = [preprocess_case(load_case(ref, modalities), shape=shape) for ref in refs[:n_cases or None]]
+  cases = [preprocess_case(load_case(ref, modalities, allow_empty_modality=allow_empty_modality),
+                                  shape=shape) for ref in refs[:n_cases or None]]
   return [select_modalities(c, modalities, f"data_cfg.root={root}") for c in cases]
 
 

@@ -1,0 +1,34 @@
+"""Launchers: --help lists the variants, --print_config shows comments, errors are one line (exit codes)."""
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(*args):
+  env = {k: v for k, v in os.environ.items() if k != "MRI_POISON_TRACEBACK"}
+  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_variants_and_exits_zero():
+  out = launch("--help")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "variants (file.py:variant): runlocal, phantom2d, phantom3d, brats3d" in out.stdout
+
+
+def test_print_config_shows_values_with_comments_and_exits_zero():
+  out = launch("--config", "experiments/configs/unet.py:phantom2d", "--print_config", "--config.train.steps=7")
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.splitlines()
+  assert "train.steps = 7" in lines
+  assert any(l.startswith("data.batch_size = 8  # global batch") for l in lines)
+
+
+def test_a_misspelt_field_is_one_line_naming_the_fix(tmp_path):
+  out = launch("--workdir", str(tmp_path), "--config.train.stepz=3")
+  assert out.returncode == 1
+  err = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(err) == 1 and 'Did you mean "steps" instead of "stepz"?' in err[0] and "\\n" not in err[0], err
+  assert not os.listdir(tmp_path)  # nothing written
