@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mri_poison import losses
+from mri_poison.attacks import losses as attack_losses
 
 B, S, K = 2, (3, 4), 4
 
@@ -141,3 +142,56 @@ def test_deep_supervision_loss_downsamples_and_weights():
   want = (4 * parts[0] + 2 * parts[1] + parts[2]) / 7
   np.testing.assert_allclose(losses.deep_supervision_loss(ce, outs, labels), want, rtol=1e-6)
   np.testing.assert_allclose(losses.deep_supervision_loss(ce, outs, labels, weights=[1, 0, 0]), parts[0], rtol=1e-6)
+
+
+def test_masked_mean_conventions():
+  rng = np.random.default_rng(8)
+  values = rng.normal(size=(B, *S)).astype(np.float32)
+  weights = rng.random((B, *S)).astype(np.float32)
+  want = (values * weights).reshape(B, -1).sum(1) / weights.reshape(B, -1).sum(1)
+  np.testing.assert_allclose(losses.masked_mean(values, weights), want, rtol=1e-5)  # a weighted mean
+  # Weights summing to less than 1 still give the weighted mean (floor 1e-12, not 1).
+  np.testing.assert_allclose(losses.masked_mean(values, 0.01 * weights), want, rtol=1e-5)
+  np.testing.assert_allclose(losses.masked_mean(values), values.reshape(B, -1).mean(1), rtol=1e-5)
+  # An empty mask gives 0 and a zero gradient, not NaN.
+  empty = np.zeros((B, *S), bool)
+  assert np.all(np.asarray(losses.masked_mean(values, empty)) == 0.0)
+  g = jax.grad(lambda v: jnp.sum(losses.masked_mean(v, empty)))(jnp.asarray(values))
+  assert np.all(np.asarray(g) == 0.0)
+  np.testing.assert_allclose(losses.soft_dice_loss(np.ones((B, *S, 2)), np.ones((B, *S, 2)), empty), 0.0)
+
+
+def test_attack_reducers_are_the_training_losses():
+  logits, labels, mask = _data(9)
+  identity = lambda params, z: z
+  for m in (None, mask, mask.astype(np.float32), 0.01 * mask.astype(np.float32)):
+    ce = attack_losses.cross_entropy(identity, None, labels, m)
+    np.testing.assert_array_equal(ce(logits), losses.cross_entropy(logits, labels, m))
+    np.testing.assert_array_equal(ce.reduce(jnp.asarray(logits), labels, m, 0, 1),
+                                  losses.cross_entropy(logits, labels, m))
+    np.testing.assert_array_equal(attack_losses.dice(identity, None, labels, m)(logits),
+                                  losses.soft_dice(logits, labels, m, include_background=True))
+    np.testing.assert_array_equal(attack_losses.targeted_dice(identity, None, labels, m)(logits),
+                                  losses.soft_dice(logits, labels, m, include_background=True))
+    region_bce = attack_losses.region_bce(identity, None, labels, m)(logits[..., :3])
+    region_dice = attack_losses.region_dice(identity, None, labels, m)(logits[..., :3])
+    np.testing.assert_array_equal(region_bce, losses.region_bce(logits[..., :3], labels, m))
+    np.testing.assert_array_equal(region_dice, losses.region_dice(logits[..., :3], labels, m))
+    np.testing.assert_array_equal(region_bce + region_dice, losses.region_bce_dice(logits[..., :3], labels, m))
+    # SegPGD at t = T + 1 (lambda = 1/2) weighs right and wrong voxels alike: half the cross-entropy.
+    segpgd = attack_losses.segpgd(identity, None, labels, steps=4, mask=m)
+    np.testing.assert_allclose(segpgd(logits, 4), 0.5 * losses.cross_entropy(logits, labels, m), rtol=1e-6)
+  # Gradients agree too (the attack's input gradient is the training loss's gradient).
+  g_attack = jax.grad(lambda z: jnp.sum(attack_losses.cross_entropy(identity, None, labels, mask)(z)))(logits)
+  g_train = jax.grad(lambda z: jnp.sum(losses.cross_entropy(z, labels, mask)))(logits)
+  np.testing.assert_array_equal(g_attack, g_train)
+
+
+def test_training_losses_listed_take_logits_labels_mask():
+  logits, labels, mask = _data(10)
+  for name in losses.TRAINING_LOSSES:
+    z = logits[..., :3] if name.startswith("region") else logits  # region models: 3 sigmoid logits
+    out = getattr(losses, name)(z, labels, mask)
+    assert out.shape == (B,) and out.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(out))), name
+  with pytest.raises(ValueError, match="must be labels"):
+    losses.voxel_cross_entropy(logits, labels[:, :2])

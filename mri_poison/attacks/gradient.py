@@ -1,9 +1,11 @@
-"""FGSM, i-FGSM (BIM) and PGD: thin front ends of the one attack loop (`attacks.loop.run_steps`).
+"""FGSM, i-FGSM (BIM) and PGD: thin front ends of the one attack loop (`attacks.loop.run_steps`, i.e.
+`optimize` with `sign_step` and the eps-ball projection).
 
 All take `loss_fn(x)` or `loss_fn(x, step)` returning the loss to increase (per example (B,), or a scalar);
-`targeted=True` decreases it instead. eps / step_size: scalar, per example (B,), per channel (C,) or any array
-broadcastable to x; `mask` (broadcastable to x, or a (B, *spatial) voxel mask) marks what may change;
-`lower` / `upper` bound the values. Everything numeric is traced, so new eps values reuse the compiled loop.
+`targeted=True` decreases it instead (`optimize`'s maximize=False: targeted == minimise). eps / step_size:
+scalar, per example (B,), per channel (C,) or any array broadcastable to x; `mask` (broadcastable to x, or a
+(B, *spatial) voxel mask) marks what may change; `lower` / `upper` bound the values. Everything numeric is
+traced, so new eps values reuse the compiled loop.
 """
 from __future__ import annotations
 

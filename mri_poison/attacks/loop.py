@@ -1,10 +1,13 @@
-"""The one compiled attack loop that every gradient attack (FGSM, i-FGSM, PGD, SegPGD, CosPGD) runs.
+"""The attack loop that every gradient attack (FGSM, i-FGSM, PGD, SegPGD, CosPGD) runs: `optimize` with the
+sign-step update and the eps-ball projection.
 
-An attack is: a loss hook `loss_fn(x[, step])` (what to increase, per example), a step rule ("sign" for L-inf,
-"l2" for an L2-normalised gradient) and a projection (eps-ball around the clean input, value bounds, mask).
-The iterations are one `lax.scan` under `jax.jit`; eps, step size, bounds and mask are traced arrays, so a new
-eps value (or a vmapped eps grid) never recompiles. Loss functions that are pytrees (see `attacks.losses`) pass
-their params/labels as jit arguments, so a new batch or a new model with the same shapes does not recompile.
+An attack is: a loss hook `loss_fn(x[, step])` (what to increase, per example), a step rule ("linf": sign of
+the gradient; "l2": the gradient normalised per example; `sign_step`) and a projection (eps-ball around the
+clean input, value bounds, mask; `project`). `run_steps` hands these to `optimize` (attacks/optimize.py), whose
+iterations are one `lax.scan`; run under `jax.jit` (see `filter_jit`) with eps, step size, bounds and mask as
+traced arrays, a new eps value (or a vmapped eps grid) never recompiles. Loss functions that are pytrees (see
+`attacks.losses`) pass their params/labels as jit arguments, so a new batch or a new model with the same shapes
+does not recompile.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from mri_poison.attacks.optimize import optimize, per_example_l2_norm, sign_step
 
 Array = jax.Array
 LossFn = Callable[..., Array]
@@ -69,13 +74,9 @@ def _check_broadcastable(shape, target, name):
     raise ValueError(f"{name} of shape {tuple(shape)} is not broadcastable to x of shape {tuple(target)}.")
 
 
-def _reduce_axes(x):
-  return tuple(range(1, x.ndim))
-
-
 def _l2_norm(v: Array) -> Array:
-  """Per-example L2 norm, keepdims (B, 1, ..., 1)."""
-  return jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=_reduce_axes(v), keepdims=True)).astype(v.dtype)
+  """Per-example L2 norm, keepdims (B, 1, ..., 1), in v's dtype."""
+  return per_example_l2_norm(v).reshape(v.shape[:1] + (1,) * (v.ndim - 1)).astype(v.dtype)
 
 
 def project(x_adv: Array, x: Array, *, eps, norm: str, lower=None, upper=None, mask=None) -> Array:
@@ -100,15 +101,6 @@ def project(x_adv: Array, x: Array, *, eps, norm: str, lower=None, upper=None, m
   return out
 
 
-def step_direction(grad: Array, norm: str, mask=None) -> Array:
-  """Ascent direction: sign(grad) for L-inf, grad / ||grad||_2 (per example) for L2."""
-  if mask is not None:
-    grad = grad * mask
-  if norm == "linf":
-    return jnp.sign(grad)
-  return grad / jnp.maximum(_l2_norm(grad), _TINY)
-
-
 def random_start(key, x: Array, *, eps, norm: str, lower=None, upper=None, mask=None) -> Array:
   """Uniform in the L-inf ball; for L2 a uniform direction times eps * U(0, 1). Then projected."""
   if norm == "linf":
@@ -121,6 +113,13 @@ def random_start(key, x: Array, *, eps, norm: str, lower=None, upper=None, mask=
     r = jax.random.uniform(k2, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
     delta = d / jnp.maximum(_l2_norm(d), _TINY) * eps * r
   return project(x + delta, x, eps=eps, norm=norm, lower=lower, upper=upper, mask=mask)
+
+
+def ball_projection(x: Array, *, eps, norm: str, lower=None, upper=None, mask=None) -> Callable[[Array], Array]:
+  """`v -> project(v, x, ...)`: the projection onto the eps-ball around x ∩ bounds ∩ mask, for `optimize`."""
+  if norm not in ("linf", "l2"):
+    raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}.")
+  return lambda v: project(v, x, eps=eps, norm=norm, lower=lower, upper=upper, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,15 +149,6 @@ def per_example_loss(loss_fn, x: Array, step) -> Array:
   return loss
 
 
-def _loss_and_grad(loss_fn, x, step, sign):
-  def total(z):
-    per_ex = per_example_loss(loss_fn, z, step)
-    # Examples are independent, so the gradient of the sum is every example's own gradient.
-    return sign * jnp.sum(per_ex), per_ex
-  (_, per_ex), grad = jax.value_and_grad(total, has_aux=True)(x)
-  return per_ex, grad
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -167,23 +157,20 @@ def run_steps(loss_fn, x: Array, x_init: Array, *, eps, step_size, steps: int, n
               lower=None, upper=None, mask=None, targeted: bool = False, final_loss: bool = False):
   """THE attack loop (traceable; call it inside jit). Returns (x_adv, history).
 
-  x_{t+1} = Pi(x_t ± step_size * direction(grad loss(x_t, t))), t = 0 .. steps-1; Pi = `project`.
+  x_{t+1} = Pi(x_t ± step_size * direction(grad loss(x_t, t))), t = 0 .. steps-1; Pi = `project`; that is
+  `optimize(loss, x_init, update=sign_step(step_size, norm, mask), project=ball_projection(x, ...),
+  maximize=not targeted)` (targeted == minimise the loss).
   history["loss"] (steps, B) holds the loss at x_0 .. x_{steps-1} (free: it is computed with the gradient);
   with `final_loss`, history["final_loss"] (B,) is the loss at the returned x (one more forward pass).
   `mask` must already be broadcast (see `broadcast_mask`), eps/step_size broadcastable to x.
   """
-  sign = -1.0 if targeted else 1.0
-
-  def body(x_t, step):
-    loss, grad = _loss_and_grad(loss_fn, x_t, step, sign)
-    x_next = x_t + step_size * step_direction(grad, norm, mask).astype(x.dtype)
-    x_next = project(x_next, x, eps=eps, norm=norm, lower=lower, upper=upper, mask=mask)
-    return x_next, loss
-
-  x_adv, losses = jax.lax.scan(body, x_init, jnp.arange(steps, dtype=jnp.int32))
-  history = {"loss": losses}
+  x_adv, hist = optimize(lambda z, step: per_example_loss(loss_fn, z, step), x_init,
+                         update=sign_step(step_size, norm, mask), steps=steps,
+                         project=ball_projection(x, eps=eps, norm=norm, lower=lower, upper=upper, mask=mask),
+                         maximize=not targeted, final_objective=final_loss)
+  history = {"loss": hist["objective"]}
   if final_loss:
-    history["final_loss"] = per_example_loss(loss_fn, x_adv, jnp.asarray(steps, jnp.int32))
+    history["final_loss"] = hist["final_objective"]
   return x_adv, history
 
 

@@ -6,6 +6,10 @@ once for a new batch or a new checkpoint). `apply_fn(params, x) -> logits (B, *S
 int (B, *S): 0 background, 1 necrotic core, 2 oedema, 3 enhancing tumour. `mask` (broadcastable to (B, *S))
 restricts which voxels count (e.g. the brain). Untargeted losses are to be increased; targeted ones measure
 distance to a target map and are decreased (call the attack with `targeted=True`).
+
+The reducers are thin per-example wrappers over the primitives of `mri_poison.losses` (the one loss
+implementation); mask semantics, empty masks, smoothing, background and dtype are documented there once.
+The attacks' Dice includes the background class (`soft_dice(..., include_background=True)`).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from mri_poison.data.case import brats_regions
+from mri_poison import losses as seg_losses
 
 Array = jax.Array
 
@@ -39,22 +43,7 @@ class DenseLoss:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _voxel_weights(mask, shape) -> Array:
-  """(B, *S) float weights: the mask (1 everywhere when None)."""
-  if mask is None:
-    return jnp.ones(shape, jnp.float32)
-  return jnp.broadcast_to(jnp.asarray(mask, jnp.float32), shape)
-
-
-def _spatial_mean(values, weights) -> Array:
-  axes = tuple(range(1, values.ndim))
-  return jnp.sum(values * weights, axis=axes) / jnp.maximum(jnp.sum(weights, axis=axes), 1.0)
-
-
-def voxel_cross_entropy(logits, labels) -> Array:
-  """Per-voxel softmax cross-entropy (B, *S)."""
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+voxel_cross_entropy = seg_losses.voxel_cross_entropy  # (B, *S, K), (B, *S) -> (B, *S); re-exported for SegPGD users
 
 
 def cosine_to_onehot(logits, labels) -> Array:
@@ -69,62 +58,48 @@ def segpgd_weight(step, steps) -> Array:
   return jnp.asarray(step, jnp.float32) / (2.0 * steps)
 
 
-def _soft_dice_loss(probs, onehot, weights, smooth=1e-5) -> Array:
-  """1 - mean over classes of soft Dice, per example. probs/onehot (B, *S, K), weights (B, *S)."""
-  axes = tuple(range(1, probs.ndim - 1))
-  w = weights[..., None]
-  inter = jnp.sum(probs * onehot * w, axis=axes)
-  denom = jnp.sum((probs + onehot) * w, axis=axes)
-  return 1.0 - jnp.mean((2.0 * inter + smooth) / (denom + smooth), axis=-1)
-
-
 # ------------------------------------------------------------------------------------------- reducers
+# reduce(logits, labels, mask, step, steps) -> (B,); `step`/`steps` matter only to SegPGD's schedule.
 
 
 def _ce(logits, labels, mask, step, steps):
   del step, steps
-  return _spatial_mean(voxel_cross_entropy(logits, labels), _voxel_weights(mask, labels.shape))
+  return seg_losses.cross_entropy(logits, labels, mask)
 
 
 def _segpgd(logits, labels, mask, step, steps):
   ce = voxel_cross_entropy(logits, labels)
-  w = _voxel_weights(mask, labels.shape)
   correct = jax.lax.stop_gradient((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
   lam = segpgd_weight(step, steps)
   weighted = (1.0 - lam) * correct * ce + lam * (1.0 - correct) * ce
-  return _spatial_mean(weighted, w)  # (1/N) sums over the N (masked) voxels
+  return seg_losses.masked_mean(weighted, mask)  # (1/N) sums over the N (masked) voxels
 
 
 def _cospgd(logits, labels, mask, step, steps):
   del step, steps
   cos = jax.lax.stop_gradient(cosine_to_onehot(logits, labels))
-  return _spatial_mean(cos * voxel_cross_entropy(logits, labels), _voxel_weights(mask, labels.shape))
+  return seg_losses.masked_mean(cos * voxel_cross_entropy(logits, labels), mask)
 
 
 def _cospgd_targeted(logits, target, mask, step, steps):
   del step, steps
   weight = jax.lax.stop_gradient(1.0 - cosine_to_onehot(logits, target))
-  return _spatial_mean(weight * voxel_cross_entropy(logits, target), _voxel_weights(mask, target.shape))
+  return seg_losses.masked_mean(weight * voxel_cross_entropy(logits, target), mask)
 
 
 def _dice(logits, labels, mask, step, steps):
   del step, steps
-  k = logits.shape[-1]
-  return _soft_dice_loss(jax.nn.softmax(logits, axis=-1), jax.nn.one_hot(labels, k, dtype=jnp.float32),
-                         _voxel_weights(mask, labels.shape))
+  return seg_losses.soft_dice(logits, labels, mask, include_background=True)
 
 
 def _region_bce(logits, labels, mask, step, steps):
   del step, steps
-  regions = brats_regions(labels).astype(jnp.float32)
-  bce = jnp.mean(jnp.logaddexp(0.0, logits) - logits * regions, axis=-1)  # stable sigmoid BCE, mean over regions
-  return _spatial_mean(bce, _voxel_weights(mask, labels.shape))
+  return seg_losses.region_bce(logits, labels, mask)
 
 
 def _region_dice(logits, labels, mask, step, steps):
   del step, steps
-  regions = brats_regions(labels).astype(jnp.float32)
-  return _soft_dice_loss(jax.nn.sigmoid(logits), regions, _voxel_weights(mask, labels.shape))
+  return seg_losses.region_dice(logits, labels, mask)
 
 
 def _as_labels(labels):
@@ -158,7 +133,7 @@ def cospgd(apply_fn, params, labels, mask=None) -> DenseLoss:
 
 
 def dice(apply_fn, params, labels, mask=None) -> DenseLoss:
-  """Soft Dice loss over the K softmax classes (1 - mean Dice; increase it)."""
+  """Soft Dice loss over the K softmax classes, background included (1 - mean Dice; increase it)."""
   return DenseLoss(params, _as_labels(labels), _as_mask(mask), _dice, apply_fn)
 
 

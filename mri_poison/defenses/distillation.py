@@ -57,6 +57,8 @@ def distillation_loss(temperature: float = DEFAULT_TEMPERATURE, *, hard_weight: 
   t = float(temperature)
   if t <= 0:
     raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+  if hard_loss not in losses.TRAINING_LOSSES:
+    raise ValueError(f"hard loss {hard_loss!r}: expected one of {losses.TRAINING_LOSSES}")
   hard = getattr(losses, hard_loss)
 
   def loss_fn(logits, batch):
@@ -76,9 +78,9 @@ def teacher_loss(temperature: float = DEFAULT_TEMPERATURE, base: str = "ce_dice"
   t = float(temperature)
   if t <= 0:
     raise ValueError(f"distillation temperature must be > 0, got {temperature}")
-  base_fn = getattr(losses, base, None)
-  if base_fn is None:
-    raise ValueError(f"teacher loss {base!r}: not a loss in mri_poison.losses")
+  if base not in losses.TRAINING_LOSSES:
+    raise ValueError(f"teacher loss {base!r}: expected one of {losses.TRAINING_LOSSES}")
+  base_fn = getattr(losses, base)
 
   def loss_fn(logits, batch):
     mask = batch.get("mask")

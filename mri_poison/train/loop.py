@@ -40,10 +40,9 @@ def make_loss_fn(config) -> LossFn:
   """
   from mri_poison import losses
   name = str(config.train.get("loss", "ce_dice"))
-  base = getattr(losses, name, None)
-  if base is None or name.startswith("_"):
-    raise ValueError(f"config train.loss={name!r}: not a loss in mri_poison.losses "
-                     "(e.g. 'ce_dice', 'cross_entropy', 'soft_dice', 'region_bce_dice')")
+  if name not in losses.TRAINING_LOSSES:
+    raise ValueError(f"config train.loss={name!r}: expected one of {losses.TRAINING_LOSSES}")
+  base = getattr(losses, name)
 
   def loss_fn(logits, batch):
     if isinstance(logits, (tuple, list)):
