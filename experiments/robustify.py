@@ -8,7 +8,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from experiments import launch_utils
-from mri_poison import robustify
+from mri_poison.studies import robustify
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/robustify.py",
                                           "Study config (file.py:variant).", lock_config=True)

@@ -1,7 +1,6 @@
 """Study 2: `run(config, workdir)`, the whole study from data to report.md."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -15,11 +14,18 @@ from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import figures
 from mri_poison.report import nifti
 from mri_poison.report import tables
-from mri_poison.robustify.evaluation import (ATTACKS, DICE_COLUMNS, NOISE, TARGETS, Progress, attack_cost,
-                                             attack_volumes, evaluate_model, make_scorer, make_target,
-                                             robust_fraction_rows, wilcoxon_rows)
-from mri_poison.robustify.report import write_report
-from mri_poison.robustify.training import MODELS, train_models
+from mri_poison.studies import common
+from mri_poison.studies.robustify.evaluation import (ATTACKS, DICE_COLUMNS, EVAL_VERSION, NOISE, TARGETS,
+                                                     attack_volumes, evaluate_victim, evaluation_cost,
+                                                     make_scorer, make_target, model_apply_fn, per_case_rows,
+                                                     robust_fraction_rows, sanity_rows, victim_cells,
+                                                     victim_digest, wilcoxon_rows)
+from mri_poison.studies.robustify.report import write_report
+from mri_poison.studies.robustify.training import MODELS, train_models
+
+# What may change between runs of one workdir: the attacks and the evaluation only add evaluation cells (or
+# reuse them); everything else would change the trained models.
+RESUMABLE_KEYS = ("attack.", "eval.")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -28,11 +34,11 @@ from mri_poison.robustify.training import MODELS, train_models
 def _check_config(config) -> None:
   attacks = tuple(config.attack.attacks)
   unknown = [a for a in attacks if a not in ATTACKS]
-  if unknown or not attacks:
-    raise ValueError(f"config attack.attacks={attacks}: expected a non-empty subset of {ATTACKS}")
+  if unknown or not attacks or len(set(attacks)) != len(attacks):
+    raise ValueError(f"config attack.attacks={attacks}: expected a non-empty subset of {ATTACKS}, each once")
   eps = tuple(float(e) for e in config.attack.eps)
-  if not eps or min(eps) <= 0:
-    raise ValueError(f"config attack.eps={eps}: expected positive budgets (z-score units)")
+  if not eps or min(eps) <= 0 or len(set(eps)) != len(eps):
+    raise ValueError(f"config attack.eps={eps}: expected distinct positive budgets (z-score units)")
   if str(config.attack.target) not in TARGETS:
     raise ValueError(f"config attack.target={config.attack.target!r}: expected one of {TARGETS}")
   if int(config.attack.steps) < 1 or int(config.attack.restarts) < 1 or int(config.attack.batch) < 1:
@@ -58,8 +64,9 @@ def _stack(cases) -> dict:
     if c.label is None:
       raise ValueError(f"validation case {c.case_id} has no label")
   image = np.stack([c.image for c in cases]).astype(np.float32)
-  return {"image": image, "label": np.stack([c.label for c in cases]).astype(np.int32),
-          "brain": brain_mask(image), "case_id": [c.case_id for c in cases]}
+  label = np.stack([c.label for c in cases]).astype(np.int32)
+  return {"image": image, "label": label, "brain": brain_mask(image), "case_id": [c.case_id for c in cases],
+          "digest": common.tree_digest((image, label))}  # the split's voxels: part of every cell's key
 
 
 def _nearest(values, target) -> float:
@@ -68,26 +75,15 @@ def _nearest(values, target) -> float:
 
 
 def run(config, workdir: str, *, splits: dict | None = None) -> dict:
-  """Runs the study in `workdir` (see the module doc); returns the headline numbers.
+  """Runs the study in `workdir` (see the package doc); returns the headline numbers.
 
-  `splits` ({"train": [Case], "val": [Case]}) overrides `load_splits(config.data)` (notebooks, tests).
+  `splits` ({"train": [Case], "val": [Case]}) overrides `load_splits(config.data)` (notebooks, tests). A rerun
+  on the same workdir reuses the trained models and every evaluation cell already computed; a rerun with other
+  attack.* / eval.* settings (another eps, attack or split size) computes only the cells it lacks.
   """
-  from mri_poison.train import state as state_lib
-  from mri_poison.train import workdir as workdir_lib
   t_start = time.perf_counter()
   _check_config(config)
-  workdir = os.path.abspath(workdir)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"workdir {workdir}: cannot create it ({e})") from e
-  if not os.access(workdir, os.W_OK):
-    raise ValueError(f"workdir {workdir}: not writable")
-  digest = workdir_lib.config_hash(config)
-  io_utils.write_json(os.path.join(workdir, "config.json"), {"config": workdir_lib.config_dict(config), "hash": digest})
-  manifest = workdir_lib.start_manifest(workdir, seed=int(config.seed), config_digest=digest, start_step=0)
-  status = "failed"
-  try:
+  with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
     if splits is None:
       from mri_poison.data.datasets import load_splits
       splits = load_splits(config.data)
@@ -98,45 +94,33 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
       raise ValueError("config data.n_val: the study needs at least one validation case")
     data = _stack(val)
     params = train_models(config, workdir, splits["train"])
-    apply_fn = state_lib.make_apply_fn(state_lib.make_model(config.model))
-    result = _evaluate_and_report(config, workdir, apply_fn, params, data, val, digest, t_start)
-    status = "finished"
-    return result
-  finally:
-    workdir_lib.end_manifest(workdir, manifest, end_step=0, status=status)
+    return _evaluate_and_report(config, workdir, params, data, val, t_start)
 
 
-def _evaluate_and_report(config, workdir, apply_fn, params, data, val_cases, digest, t_start) -> dict:
+def _evaluate_and_report(config, workdir, params, data, val_cases, t_start) -> dict:
   acfg = config.attack
   eps = [float(e) for e in acfg.eps]
   attacks = tuple(acfg.attacks)
   all_attacks = attacks + (NOISE,)
+  n, case_ids = data["image"].shape[0], list(data["case_id"])
+  results = os.path.join(workdir, "results")
+
+  # The victims' random streams are numbered by their place in MODELS.
   key = jax.random.PRNGKey(int(acfg.seed))
-  n = data["image"].shape[0]
-  partial_dir = os.path.join(workdir, "results", "partial")
-  per_case, sanity_rows = [], []
-  cost = sum(attack_cost(a, acfg) for a in all_attacks) * len(eps) * n
-  progress = Progress(cost * len(MODELS), "volume-gradients")
+  keys = {m: jax.random.fold_in(key, i) for i, m in enumerate(MODELS)}
+  digests = {m: victim_digest(config.model, params[m]) for m in MODELS}
+  cells = {m: victim_cells(m, digests[m], keys[m], data, config) for m in MODELS}
+  table = common.CellTable(os.path.join(results, "cells.csv"))
+  todo = [c for m in MODELS for c in table.missing(cells[m].values())]
+  logging.info("robustify: %d of %d evaluation cells to compute (%s)", len(todo),
+               sum(len(c) for c in cells.values()), table.path)
+  progress = common.Progress(evaluation_cost(todo, config) * n, name="robustify eval", unit="volume-gradients")
   t_eval = time.perf_counter()
-  for m_index, model in enumerate(MODELS):
-    cache = os.path.join(partial_dir, f"eval_{model}.json")
-    if os.path.exists(cache):
-      with open(cache) as f:
-        cached = json.load(f)
-      if cached.get("hash") == digest:
-        logging.info("robustify: reusing the evaluation of %s from %s", model, cache)
-        per_case += cached["per_case"]
-        sanity_rows += cached["sanity"]
-        progress.total -= cost
-        continue
-    rows, srows = evaluate_model(model, apply_fn, params[model], data, config, jax.random.fold_in(key, m_index),
-                                 progress)
-    io_utils.write_json(cache, {"hash": digest, "per_case": rows, "sanity": srows})
-    per_case += rows
-    sanity_rows += srows
+  for m in MODELS:
+    evaluate_victim(table, m, params[m], data, config, keys[m], params_digest=digests[m], progress=progress)
   eval_s = time.perf_counter() - t_eval
 
-  results = os.path.join(workdir, "results")
+  per_case = per_case_rows(table, cells, MODELS, config, case_ids)
   io_utils.write_csv(os.path.join(results, "per_case.csv"), per_case)
   summary = tables.summarize(per_case, ["model", "attack", "eps"], DICE_COLUMNS)
   clean_mean = {r["model"]: r["dice_mean_mean"] for r in summary if r["attack"] == "clean"}
@@ -147,7 +131,8 @@ def _evaluate_and_report(config, workdir, apply_fn, params, data, val_cases, dig
   io_utils.write_csv(os.path.join(results, "wilcoxon.csv"), wil)
   robust = robust_fraction_rows(per_case, MODELS, attacks, eps, float(config.eval.robust_factor))
   io_utils.write_csv(os.path.join(results, "robust_fraction.csv"), robust)
-  io_utils.write_csv(os.path.join(results, "sanity.csv"), sanity_rows)
+  sanity = [r for m in MODELS for r in sanity_rows(table, cells, m, config, case_ids)]
+  io_utils.write_csv(os.path.join(results, "sanity.csv"), sanity)
 
   fig_dir = os.path.join(workdir, "figures")
   curves, std = {}, {}
@@ -159,7 +144,7 @@ def _evaluate_and_report(config, workdir, apply_fn, params, data, val_cases, dig
       std[attack][model] = [r["dice_mean_std"] for r in rs]
   dice_fig = figures.dice_vs_eps(curves, clean_mean, os.path.join(fig_dir, "dice_vs_eps.png"), std=std,
                                  title=f"Dice vs eps ({n} validation volumes; band: +-1 std)")
-  example = _example(config, workdir, apply_fn, params["undefended"], data, val_cases)
+  example = _example_stage(config, workdir, params["undefended"], digests["undefended"], data, val_cases)
 
   ref_eps = _nearest(eps, config.eval.reference_eps)
   headline = {
@@ -169,16 +154,36 @@ def _evaluate_and_report(config, workdir, apply_fn, params, data, val_cases, dig
                                     if r["model"] == m and r["attack"] != "clean" and r["eps"] == ref_eps}
                                 for m in MODELS},
       "n_val": n, "eval_seconds": eval_s, "wall_seconds": time.perf_counter() - t_start,
+      "cells_computed": len(todo),
   }
   io_utils.write_json(os.path.join(results, "headline.json"), headline)
-  write_report(config, workdir, summary, wil, robust, sanity_rows, headline, dice_fig, example)
+  write_report(config, workdir, summary, wil, robust, sanity, headline, dice_fig, example)
   logging.info("robustify: done in %.0f s; report at %s", headline["wall_seconds"], os.path.join(workdir, "report.md"))
   return headline
 
 
-def _example(config, workdir, apply_fn, params, data, val_cases) -> dict:
-  """The example slice figure and a few adversarial NIfTI volumes (undefended model, example attack/eps)."""
+def _example_stage(config, workdir, params, params_digest, data, val_cases) -> dict:
+  """The example figure and NIfTI volumes, a cached stage (recomputed when its inputs or files change)."""
+  acfg, ecfg = config.attack, config.eval
+  k = max(1, int(ecfg.n_volumes))
+  depends_on = {"params": params_digest, "data": data["digest"], "cases": list(data["case_id"][:k]),
+                "attack": str(ecfg.example_attack), "eps": float(ecfg.example_eps), "n_volumes": int(ecfg.n_volumes),
+                "steps": int(acfg.steps), "step_frac": float(acfg.step_frac), "restarts": int(acfg.restarts),
+                "target": str(acfg.target), "seed": int(acfg.seed), "version": EVAL_VERSION}
+  files_exist = lambda r: all(os.path.exists(os.path.join(workdir, p)) for p in [r["figure"]] + r["volumes"])
+  example = common.cached_stage(os.path.join(workdir, "results", "stages", "example.json"), depends_on,
+                                lambda: _example(config, workdir, params, data, val_cases), valid=files_exist)
+  return dict(example, figure=os.path.join(workdir, example["figure"]),
+              volumes=[os.path.join(workdir, p) for p in example["volumes"]])
+
+
+def _example(config, workdir, params, data, val_cases) -> dict:
+  """The example slice figure and a few adversarial NIfTI volumes (undefended model, example attack/eps).
+
+  Paths in the result are relative to the workdir.
+  """
   acfg = config.attack
+  apply_fn = model_apply_fn(config.model)
   attack, e = str(config.eval.example_attack), float(config.eval.example_eps)
   k = max(1, int(config.eval.n_volumes))
   x, y = jnp.asarray(data["image"][:k]), jnp.asarray(data["label"][:k])
@@ -208,5 +213,6 @@ def _example(config, workdir, apply_fn, params, data, val_cases) -> dict:
       written.append(nifti.save_volume(os.path.join(vol_dir, f"{case.case_id}_clean_pred.nii.gz"),
                                        pred_clean[i].astype(np.int16), case.affine))
   linf = float(np.max(np.abs(x_adv - image)))
-  return {"figure": fig, "volumes": written, "attack": attack, "eps": e, "case": val_cases[0].case_id,
-          "linf": linf}
+  rel = lambda p: os.path.relpath(p, workdir)
+  return {"figure": rel(fig), "volumes": [rel(p) for p in written], "attack": attack, "eps": e,
+          "case": val_cases[0].case_id, "linf": linf}

@@ -6,8 +6,8 @@ import os
 
 from mri_poison.report import markdown
 from mri_poison.report import tables
-from mri_poison.robustify.evaluation import ATTACK_TEXT, NOISE
-from mri_poison.robustify.training import MODELS
+from mri_poison.studies.robustify.evaluation import ATTACK_TEXT, NOISE
+from mri_poison.studies.robustify.training import MODELS
 
 
 # ------------------------------------------------------------------------------------------------ report.md
@@ -115,7 +115,10 @@ def write_report(config, workdir, summary, wil, robust, sanity_rows, headline, d
       "`results/per_case.csv`: model, attack, eps, case, Dice WT/TC/ET/mean, CE and target CE.",
       "`results/summary.csv`, `results/wilcoxon.csv`, `results/robust_fraction.csv`, `results/sanity.csv`, "
       "`results/headline.json`.",
-      "`models/{clean,teacher,distilled,adversarial}/`: checkpoints, config.json, metrics.jsonl of each model.",
+      "`results/cells.csv`: every evaluation cell as long-form rows (victim, threat, budget, case, metric, value, "
+      "cell key); the tables above are derived from it, and a rerun with more eps or attacks adds only new cells.",
+      "`models/{base,undefended,teacher,distilled,adversarial}/`: checkpoints, config.json, metrics.jsonl of each "
+      "model.",
       "`config.json`, `manifest.json`: the resolved config and the run's versions/devices.",
   ])
   r.write(os.path.join(workdir, "report.md"))

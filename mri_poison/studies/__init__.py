@@ -1,0 +1,10 @@
+"""One package per study, each with `run(config, workdir)`, and what they share (`common`).
+
+  robustify   study 2: gradient attacks on a 3D U-Net and two defences (distillation, adversarial training)
+
+`common` holds the parts every study repeats: the workdir (config check, then config.json), the progress line,
+cached stages and evaluation cells (one long-form table of (victim, threat, budget, case, metric, value) rows
+keyed by what each result depends on, so extending a finished study computes only the new results).
+
+Subpackages are not imported here: `import mri_poison.studies.robustify` pulls in only what that study needs.
+"""

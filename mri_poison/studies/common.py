@@ -1,0 +1,276 @@
+"""What every study repeats: its workdir, its progress line, cached stages and evaluation cells.
+
+Workdir: `study_workdir(workdir, config, resumable_keys=...)` creates the folder, proves it writable, checks the
+config against an existing config.json through the train core BEFORE writing anything (`check_workdir`), then
+holds the workdir's lock, writes config.json and brackets the run in manifest.json. A study names the config keys that
+may change between runs of one workdir: those that only add results (for robustify the attack and evaluation
+settings), never those that would change a trained model.
+
+Stages: `cached_stage(path, depends_on, compute)` stores a finished stage's JSON result beside the digest of
+what it depends on, and returns the stored result while that digest matches.
+
+Evaluation cells: every (victim, threat, budget, split) result of a study is a cell keyed by what it depends
+on (`make_cell`): the victim's params digest (`tree_digest`, a hash of the params' bytes), the threat's part of
+the config (the attack's name and the settings that change its output), the budget, the split's case ids and a
+code version the study bumps when its evaluation changes numbers. A `CellTable` stores all cells of a study
+as long-form rows (victim, threat, budget, case, metric, value, cell) in ONE csv, rewritten atomically after
+each addition and readable with csv or pandas elsewhere. `missing(cells)` says which cells still need to be
+computed, so adding one eps, one attack or one victim to a finished study computes only the new cells. Cells
+whose settings are no longer in the config stay in the table (a later run with those settings reuses them);
+select the current ones by key (`rows(cells=...)`).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from mri_poison import io_utils
+from mri_poison.progress import Progress  # noqa: F401  (the one progress line of every study)
+from mri_poison.train import workdir as workdir_lib
+
+CELL_COLUMNS = ("victim", "threat", "budget", "case", "metric", "value", "cell")
+
+
+# ------------------------------------------------------------------------------------------------ workdir
+
+
+def check_workdir(workdir: str, config, *, resumable_keys: Sequence[str]) -> str:
+  """The absolute workdir, created and proven writable, whose config.json (if any) matches `config`.
+
+  Writes nothing but the folder: a run with another config outside `resumable_keys` (keys, or prefixes ending
+  in ".") raises a WorkdirError naming the changed keys and leaves the workdir as it was.
+  """
+  workdir = os.path.abspath(os.fspath(workdir))
+  workdir_lib.check_writable(workdir)
+  workdir_lib.check_config(workdir, config, resumable_keys=tuple(resumable_keys))
+  return workdir
+
+
+@contextlib.contextmanager
+def study_workdir(workdir: str, config, *, resumable_keys: Sequence[str], seed: int = 0) -> Iterator[tuple[str, str]]:
+  """Holds `workdir` for one run of a study; yields (absolute workdir, config digest).
+
+  `check_workdir` first (nothing is written when the config does not match), then the workdir's lock is
+  taken (a second run on the same workdir raises WorkdirBusy), config.json written and the run recorded in
+  manifest.json with its end status ("finished", "interrupted" or "failed").
+  """
+  workdir = check_workdir(workdir, config, resumable_keys=resumable_keys)
+  with workdir_lib.lock(workdir):
+    # write_config checks again: another run may have written config.json before we held the lock.
+    digest = workdir_lib.write_config(workdir, config, resumable_keys=tuple(resumable_keys))
+    manifest = workdir_lib.start_manifest(workdir, seed=int(seed), config_digest=digest, start_step=0)
+    status = "failed"
+    try:
+      yield workdir, digest
+      status = "finished"
+    except KeyboardInterrupt:
+      status = "interrupted"
+      raise
+    finally:
+      workdir_lib.end_manifest(workdir, manifest, end_step=0, status=status)
+
+
+# ------------------------------------------------------------------------------------------------ digests
+
+
+def digest(obj: Any) -> str:
+  """16 hex digits of the SHA-256 of `obj` as canonical JSON (sorted keys; 1 and 1.0 differ)."""
+  text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_to_json)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_to_json = io_utils._json_default  # pylint: disable=protected-access  (numpy scalars and arrays -> JSON)
+
+
+def _host_array(leaf) -> np.ndarray:
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    if not leaf.is_fully_replicated:
+      raise ValueError("tree_digest needs replicated or process-local arrays; got one sharded across processes")
+    leaf = leaf.addressable_data(0)  # replicated: every process holds the same bytes
+  return np.ascontiguousarray(np.asarray(leaf))
+
+
+def tree_digest(tree) -> str:
+  """16 hex digits of the SHA-256 of a pytree's arrays: each leaf's path, dtype, shape and bytes.
+
+  The identity of a trained model (its params) or of a split's voxels; equal trees give equal digests
+  whatever device they live on.
+  """
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = _host_array(leaf)
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def cached_stage(path: str, depends_on: Any, compute: Callable[[], Any], *,
+                 valid: Callable[[Any], bool] | None = None) -> Any:
+  """compute()'s JSON-able result, stored in `path` with the digest of `depends_on`; reused while it matches.
+
+  A stored result is reused only when its digest equals `digest(depends_on)` and `valid(result)` holds (e.g.
+  the files it names still exist). The returned value is always the JSON form (tuples become lists), fresh or
+  reused, so callers see one type.
+  """
+  key = digest(depends_on)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        stored = json.load(f)
+    except (OSError, ValueError):
+      stored = None  # unreadable: recompute and overwrite
+    if isinstance(stored, dict) and stored.get("key") == key and (valid is None or valid(stored.get("result"))):
+      logging.info("reusing the finished stage %s", path)
+      return stored["result"]
+  result = json.loads(json.dumps(compute(), default=_to_json))
+  if workdir_lib.is_writer():
+    io_utils.write_json(path, {"key": key, "depends_on": depends_on, "result": result})
+  return result
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+
+class Cell(NamedTuple):
+  """One evaluation result's address: who (victim), under what (threat, budget), and its key."""
+  victim: str
+  threat: str
+  budget: float
+  key: str
+
+
+def make_cell(victim: str, threat: str, budget: float, *, params: str, settings: Mapping[str, Any],
+              cases: Sequence[str], version: int | str, **also: Any) -> Cell:
+  """The cell of `victim` under `threat` at `budget` on the split `cases`, keyed by everything it depends on.
+
+  params: the victim's digest (`tree_digest` of its params, and of its architecture if that can vary);
+  settings: the threat's config values that change its output (steps, step size, restarts, target, random
+  stream...); version: the study's evaluation-code version; `also`: anything else the result depends on
+  (e.g. a digest of the split's voxels). e.g. `make_cell("undefended", "pgd", 0.1, params=tree_digest(p),
+  settings={"steps": 5}, cases=["c0", "c1"], version=1)`.
+  """
+  parts = {"victim": str(victim), "threat": str(threat), "budget": float(budget), "params": str(params),
+           "settings": dict(settings), "cases": [str(c) for c in cases], "version": version, **also}
+  return Cell(str(victim), str(threat), float(budget), digest(parts))
+
+
+def _key(cell: Cell | str) -> str:
+  return cell.key if isinstance(cell, Cell) else str(cell)
+
+
+class CellTable:
+  """All evaluation cells of a study: long-form rows in one csv (`CELL_COLUMNS`), loaded on construction.
+
+  e.g.
+    table = CellTable(os.path.join(workdir, "results", "cells.csv"))
+    for cell in table.missing(cells):
+      table.add(cell, case_ids, {"dice": dice, "ce": ce})   # one value per case per metric
+    table.save()
+    table.values(cell, "dice", case_ids)                    # (N,) float64 in the order of case_ids
+  A cell is added whole (all its cases and metrics at once), so a cell in the table is a finished cell.
+  """
+
+  def __init__(self, path: str):
+    self.path = os.fspath(path)
+    self._rows: dict[str, list[dict]] = {}  # cell key -> its rows, in insertion order
+    self._values: dict[str, dict[tuple[str, str], float]] = {}
+    if os.path.exists(self.path):
+      self._load()
+
+  def _load(self) -> None:
+    try:
+      with open(self.path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != CELL_COLUMNS:
+          raise ValueError(f"columns {reader.fieldnames}, expected {list(CELL_COLUMNS)}")
+        for i, r in enumerate(reader, start=2):
+          if None in r or any(r[c] is None for c in CELL_COLUMNS):
+            raise ValueError(f"line {i} has {len(r)} fields, expected {len(CELL_COLUMNS)}")
+          row = {"victim": r["victim"], "threat": r["threat"], "budget": float(r["budget"]), "case": r["case"],
+                 "metric": r["metric"], "value": float(r["value"]), "cell": r["cell"]}
+          self._rows.setdefault(row["cell"], []).append(row)
+          self._values.setdefault(row["cell"], {})[(row["case"], row["metric"])] = row["value"]
+    except (OSError, ValueError, csv.Error) as e:
+      raise ValueError(f"evaluation cells {self.path}: cannot read it ({e}); delete it to recompute every cell")
+
+  def __contains__(self, cell: Cell | str) -> bool:
+    return _key(cell) in self._rows
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def missing(self, cells: Iterable[Cell]) -> list[Cell]:
+    """The cells not in the table yet, in the given order (duplicates once)."""
+    out, seen = [], set()
+    for c in cells:
+      if c.key not in self._rows and c.key not in seen:
+        out.append(c)
+        seen.add(c.key)
+    return out
+
+  def add(self, cell: Cell, cases: Sequence[str], metrics: Mapping[str, Sequence[float]]) -> None:
+    """Adds a finished cell: `metrics[name]` holds one value per case of `cases`."""
+    if cell.key in self._rows:
+      raise ValueError(f"cell {cell} is already in {self.path}")
+    cases = [str(c) for c in cases]
+    if len(set(cases)) != len(cases):
+      raise ValueError(f"cell {cell}: case ids are not unique: {cases}")
+    values = {}
+    for name, v in metrics.items():
+      v = np.asarray(v, np.float64).reshape(-1)
+      if v.shape != (len(cases),):
+        raise ValueError(f"cell {cell}: metric {name!r} has {v.size} values for {len(cases)} cases")
+      values[name] = v
+    rows = [{"victim": cell.victim, "threat": cell.threat, "budget": float(cell.budget), "case": case,
+             "metric": name, "value": float(v[i]), "cell": cell.key}
+            for i, case in enumerate(cases) for name, v in values.items()]
+    self._rows[cell.key] = rows
+    self._values[cell.key] = {(r["case"], r["metric"]): r["value"] for r in rows}
+
+  def values(self, cell: Cell | str, metric: str, cases: Sequence[str]) -> np.ndarray:
+    """(len(cases),) float64 values of `metric` in the order of `cases`; KeyError naming what is absent."""
+    key = _key(cell)
+    if key not in self._values:
+      raise KeyError(f"cell {cell} is not in {self.path}")
+    table = self._values[key]
+    try:
+      return np.asarray([table[(str(c), metric)] for c in cases], np.float64)
+    except KeyError as e:
+      raise KeyError(f"cell {cell}: no value of metric {metric!r} for case {e.args[0][0]!r}") from None
+
+  def metrics(self, cell: Cell | str) -> list[str]:
+    """The metric names of a cell, in insertion order."""
+    return list(dict.fromkeys(r["metric"] for r in self._rows[_key(cell)]))
+
+  def rows(self, cells: Iterable[Cell | str] | None = None, **where: Any) -> list[dict]:
+    """Rows of `cells` (every cell when None), in that order, whose columns equal `where` (e.g. metric="ce")."""
+    keys = list(self._rows) if cells is None else [_key(c) for c in cells]
+    out = []
+    for k in keys:
+      for r in self._rows.get(k, ()):
+        if all(_equal(r[col], v) for col, v in where.items()):
+          out.append(dict(r))
+    return out
+
+  def save(self) -> None:
+    """Rewrites the csv atomically (process 0 only)."""
+    if workdir_lib.is_writer():
+      io_utils.write_csv(self.path, (r for rows in self._rows.values() for r in rows), fieldnames=list(CELL_COLUMNS))
+
+
+def _equal(a, b) -> bool:
+  if isinstance(a, float) or isinstance(b, float):
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+  return a == b

@@ -1,0 +1,154 @@
+"""studies.common: digests, evaluation cells and their table, cached stages, the study workdir."""
+import json
+import os
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mri_poison.studies import common
+from mri_poison.train import workdir as workdir_lib
+
+
+def _cell(**changes):
+  parts = dict(victim="undefended", threat="pgd", budget=0.1, params="p0", settings={"steps": 5, "seed": 0},
+               cases=["c0", "c1"], version=1)
+  parts.update(changes)
+  victim, threat, budget = parts.pop("victim"), parts.pop("threat"), parts.pop("budget")
+  return common.make_cell(victim, threat, budget, **parts)
+
+
+def test_digest_is_canonical():
+  assert common.digest({"a": 1, "b": [1, 2]}) == common.digest({"b": [1, 2], "a": 1})
+  assert common.digest({"a": 1}) != common.digest({"a": 1.0})  # an int setting is not a float one
+  assert common.digest({"a": np.float32(0.5)}) == common.digest({"a": 0.5})
+  assert len(common.digest("x")) == 16
+
+
+def test_tree_digest_sees_every_byte_dtype_and_shape():
+  params = {"conv": {"kernel": np.arange(12, dtype=np.float32).reshape(3, 4), "bias": np.zeros(4, np.float32)}}
+  d = common.tree_digest(params)
+  assert d == common.tree_digest({"conv": {"bias": jnp.zeros(4), "kernel": jnp.arange(12.0).reshape(3, 4)}})
+  changed = {"conv": dict(params["conv"], kernel=params["conv"]["kernel"].copy())}
+  changed["conv"]["kernel"][2, 3] = np.nextafter(np.float32(11), np.float32(12))  # one ulp
+  assert common.tree_digest(changed) != d
+  assert common.tree_digest({"conv": dict(params["conv"], kernel=params["conv"]["kernel"].reshape(4, 3))}) != d
+  assert common.tree_digest({"conv": dict(params["conv"], bias=np.zeros(4, np.float64))}) != d
+  assert common.tree_digest({"conv2": params["conv"]}) != d  # a renamed layer is another model
+
+
+def test_cell_key_depends_on_each_part_only():
+  base = _cell()
+  assert _cell() == base
+  for change in (dict(victim="distilled"), dict(threat="segpgd"), dict(budget=0.2), dict(params="p1"),
+                 dict(settings={"steps": 6, "seed": 0}), dict(cases=["c0", "c2"]), dict(version=2),
+                 dict(data="d1")):
+    assert _cell(**change).key != base.key, change
+  assert (base.victim, base.threat, base.budget) == ("undefended", "pgd", 0.1)
+
+
+def test_cell_table_round_trip_is_exact(tmp_path):
+  path = str(tmp_path / "results" / "cells.csv")
+  table = common.CellTable(path)
+  a, b = _cell(), _cell(budget=0.2)
+  assert table.missing([a, b, a]) == [a, b]
+  ce = np.asarray([0.1, 1 / 3], np.float32)  # float32 results must come back bit for bit
+  tiny = [1e-300, float("nan")]
+  table.add(a, ["c0", "c1"], {"ce": ce, "odd": tiny})
+  assert table.missing([a, b]) == [b] and a in table and len(table) == 1
+  with pytest.raises(ValueError, match="already"):
+    table.add(a, ["c0", "c1"], {"ce": ce})
+  with pytest.raises(ValueError, match="2 cases"):
+    table.add(b, ["c0", "c1"], {"ce": [0.5]})
+  table.add(b, ["c0", "c1"], {"ce": [0.25, 0.75]})
+  table.save()
+
+  again = common.CellTable(path)
+  assert len(again) == 2 and again.missing([a, b]) == []
+  np.testing.assert_array_equal(again.values(a, "ce", ["c0", "c1"]).astype(np.float32), ce)
+  np.testing.assert_array_equal(again.values(a, "ce", ["c1", "c0"]), ce[::-1].astype(np.float64))
+  odd = again.values(a, "odd", ["c0", "c1"])
+  assert odd[0] == 1e-300 and np.isnan(odd[1])
+  assert again.metrics(a) == ["ce", "odd"]
+  rows = again.rows(cells=[b], case="c1")
+  assert rows == [{"victim": "undefended", "threat": "pgd", "budget": 0.2, "case": "c1", "metric": "ce",
+                   "value": 0.75, "cell": b.key}]
+  assert len(again.rows(metric="ce")) == 4 and len(again.rows(budget=0.1)) == 4
+  with pytest.raises(KeyError, match="c9"):
+    again.values(a, "ce", ["c9"])
+
+  # Re-saving what was loaded gives the same bytes: old cells never drift.
+  before = open(path, "rb").read()
+  again.save()
+  assert open(path, "rb").read() == before
+  assert before.decode().splitlines()[0] == ",".join(common.CELL_COLUMNS)
+  assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f]
+
+
+def test_cell_table_names_a_bad_file(tmp_path):
+  path = tmp_path / "cells.csv"
+  path.write_text("victim,threat\nx,y\n")
+  with pytest.raises(ValueError, match="cells.csv"):
+    common.CellTable(str(path))
+  path.write_text(",".join(common.CELL_COLUMNS) + "\nv,t,not-a-number,c,m,1.0,k\n")
+  with pytest.raises(ValueError, match="delete it"):
+    common.CellTable(str(path))
+
+
+def test_cached_stage_reuses_until_its_inputs_or_files_change(tmp_path):
+  path = str(tmp_path / "stages" / "example.json")
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"figure": "fig.png", "values": (1, 2)}
+
+  first = common.cached_stage(path, {"eps": 0.1}, compute)
+  assert first == {"figure": "fig.png", "values": [1, 2]}  # the JSON form, fresh or reused
+  assert common.cached_stage(path, {"eps": 0.1}, compute) == first and len(calls) == 1
+  common.cached_stage(path, {"eps": 0.2}, compute)
+  assert len(calls) == 2
+  exists = lambda r: os.path.exists(tmp_path / r["figure"])
+  common.cached_stage(path, {"eps": 0.2}, compute, valid=exists)  # the figure is missing: recompute
+  assert len(calls) == 3
+  (tmp_path / "fig.png").write_bytes(b"")
+  common.cached_stage(path, {"eps": 0.2}, compute, valid=exists)
+  assert len(calls) == 3
+
+
+def _config(lr=1e-3, eps=(0.1,)):
+  return ml_collections.ConfigDict({"train": {"lr": lr, "steps": 10}, "attack": {"eps": eps}})
+
+
+def test_study_workdir_checks_before_writing(tmp_path):
+  workdir = str(tmp_path / "study")
+  with common.study_workdir(workdir, _config(), resumable_keys=("attack.",)) as (path, digest):
+    assert path == workdir and os.path.exists(os.path.join(workdir, ".lock"))
+  assert not os.path.exists(os.path.join(workdir, ".lock"))
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["hash"] == digest and saved["config"]["train"]["lr"] == 1e-3
+  assert json.load(open(os.path.join(workdir, "manifest.json")))["runs"][-1]["status"] == "finished"
+
+  # A resumable key may change (config.json records the new value) ...
+  with common.study_workdir(workdir, _config(eps=(0.1, 0.2)), resumable_keys=("attack.",)):
+    pass
+  assert json.load(open(os.path.join(workdir, "config.json")))["config"]["attack"]["eps"] == [0.1, 0.2]
+  # ... any other is refused before anything is written, naming the key.
+  files = {f: open(os.path.join(workdir, f), "rb").read() for f in ("config.json", "manifest.json")}
+  with pytest.raises(workdir_lib.WorkdirError, match="train.lr"):
+    with common.study_workdir(workdir, _config(lr=1e-2), resumable_keys=("attack.",)):
+      pass
+  assert files == {f: open(os.path.join(workdir, f), "rb").read() for f in files}
+
+  with pytest.raises(RuntimeError):
+    with common.study_workdir(workdir, _config(eps=(0.1, 0.2)), resumable_keys=("attack.",)):
+      raise RuntimeError("boom")
+  assert json.load(open(os.path.join(workdir, "manifest.json")))["runs"][-1]["status"] == "failed"
+
+
+def test_unusable_workdir_is_named(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(workdir_lib.WorkdirError, match="file"):
+    common.check_workdir(str(blocker / "study"), _config(), resumable_keys=())
