@@ -5,20 +5,19 @@ r"""Study 2: gradient attacks and defences on a 3D U-Net; see experiments/config
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from experiments import launch_utils
 from mri_poison.studies import robustify
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/robustify.py",
-                                          "Study config (file.py:variant).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where models, results, figures and report.md go.",
-                               required=True)
+_CONFIG = launch_utils.define_config("experiments/configs/robustify.py")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where models, results, figures and report.md go.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (where models, results, figures and report.md go)")
   launch_utils.init_processes()
   logging.set_verbosity(logging.INFO)
   headline = robustify.run(_CONFIG.value, _WORKDIR.value)
@@ -27,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run(main)

@@ -226,3 +226,28 @@ def bootstrap_ci(values, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
     boot = np.array([stat(s) for s in samples], np.float64)
   low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
   return {"estimate": float(stat(values)), "low": float(low), "high": float(high)}
+
+
+def holm(p_values) -> np.ndarray:
+  """Holm-Bonferroni adjusted p-values (family-wise error control, step-down), in the input order."""
+  p = np.asarray(p_values, np.float64).ravel()
+  m = p.size
+  if m == 0:
+    return p
+  order = np.argsort(p, kind="stable")
+  adjusted = np.maximum.accumulate((m - np.arange(m)) * p[order])
+  out = np.empty(m)
+  out[order] = np.minimum(adjusted, 1.0)
+  return out
+
+
+def paired_comparison(a, b, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict[str, float]:
+  """a vs b paired by case: mean difference (a - b) with a bootstrap CI, Wilcoxon p, n and effective n.
+
+  Effective n is the number of non-zero differences (what the signed-rank test uses); report it beside n.
+  """
+  a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+  test = wilcoxon(a, b)
+  ci = bootstrap_ci(a - b, n_boot=n_boot, alpha=alpha, seed=seed)
+  return {"mean_diff": ci["estimate"], "ci_low": ci["low"], "ci_high": ci["high"], "p_value": test["p_value"],
+          "median_diff": test["median_diff"], "n": test["n"], "n_effective": int(np.count_nonzero(a != b))}

@@ -196,3 +196,21 @@ def test_bootstrap_ci():
   assert med == pytest.approx(loop)
   const = metrics.bootstrap_ci(np.full(10, 0.7))
   assert const["low"] == pytest.approx(0.7) and const["high"] == pytest.approx(0.7)
+
+
+def test_holm_on_a_known_p_vector():
+  p = [0.01, 0.04, 0.03, 0.005]
+  # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> monotone 0.06
+  np.testing.assert_allclose(metrics.holm(p), [0.03, 0.06, 0.06, 0.02])
+  np.testing.assert_allclose(metrics.holm([0.5, 0.9]), [1.0, 1.0])
+  assert metrics.holm([]).size == 0
+
+
+def test_paired_comparison_ci_covers_the_shift_and_counts_ties():
+  rng = np.random.default_rng(0)
+  b = rng.normal(0.7, 0.1, 30)
+  a = b + 0.05 + rng.normal(0, 0.01, 30)
+  a[:4] = b[:4]  # four ties
+  res = metrics.paired_comparison(a, b)
+  assert res["ci_low"] < res["mean_diff"] < res["ci_high"] and res["ci_low"] > 0
+  assert res["n"] == 30 and res["n_effective"] == 26 and res["p_value"] < 1e-4

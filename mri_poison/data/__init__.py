@@ -6,3 +6,4 @@ from mri_poison.data.preprocess import (brain_mask, crop_to_brain, extract_slice
 from mri_poison.data.datasets import default_data_config, load_splits
 from mri_poison.data.pipeline import (cut_patch, paste_patch, stack_datasets, train_dataset, train_iterator,
                                       zip_datasets)
+from mri_poison.data import phantom
