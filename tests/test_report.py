@@ -27,7 +27,7 @@ def test_summarize_and_paired_wilcoxon():
   assert [(r["attack"], r["n"]) for r in summary] == [("clean", 8), ("fgsm", 8)]
   clean = np.array([r["dice"] for r in rows if r["attack"] == "clean"])
   np.testing.assert_allclose(summary[0]["dice_mean"], clean.mean())
-  np.testing.assert_allclose(summary[0]["dice_std"], clean.std())
+  np.testing.assert_allclose(summary[0]["dice_std"], clean.std(ddof=1))  # sample SD, as documented
   res = tables.paired_test(rows, {"model": "clean", "attack": "clean"}, {"attack": "fgsm", "eps": 0.1}, "dice",
                            comparison="clean vs fgsm")
   # Every one of 8 paired differences is positive: the exact two-sided p is 2 / 2^8.
@@ -47,10 +47,10 @@ def test_markdown_table_formats():
 
 
 def test_figures_written(tmp_path):
-  curves = {"fgsm": {"clean": ([0.01, 0.1], [0.8, 0.4]), "adv": ([0.01, 0.1], [0.8, 0.6])},
-            "pgd": {"clean": ([0.01, 0.1], [0.7, 0.2])}}
-  path = figures.dice_vs_eps(curves, {"clean": 0.85, "adv": 0.8}, tmp_path / "fig" / "d.png",
-                             std={"fgsm": {"clean": [0.1, 0.1]}})
+  curves = {"undefended": {"fgsm": ([0.0, 0.01, 0.1], [0.85, 0.8, 0.4]), "pgd": ([0.0, 0.01, 0.1], [0.85, 0.8, 0.2])},
+            "adversarial": {"fgsm": ([0.0, 0.01, 0.1], [0.8, 0.8, 0.6])}}
+  path = figures.dice_vs_eps(curves, tmp_path / "fig" / "d.png",
+                             ci={"undefended": {"fgsm": ([0.8, 0.7, 0.3], [0.9, 0.9, 0.5])}})
   assert os.path.getsize(path) > 1000
   rng = np.random.default_rng(0)
   image = rng.normal(size=(16, 16, 8, 4)).astype(np.float32)

@@ -114,15 +114,18 @@ def test_study_end_to_end(finished_study):
       assert r[col] == value[(r["model"], r["attack"], float(r["eps"]), r["case"], col)]
 
   volumes = sorted(os.listdir(os.path.join(workdir, "volumes")))
-  assert len(volumes) == 3
+  assert len(volumes) == 4  # clean, adversarial, and both predictions
   case = splits["val"][0]
+  clean = nib.load(os.path.join(workdir, "volumes", f"{case.case_id}_clean.nii.gz"))
+  np.testing.assert_array_equal(np.asarray(clean.dataobj), case.image)
+  assert clean.header["descrip"].tobytes().startswith(b"channels t1,t1ce,t2,flair")
   img = nib.load(os.path.join(workdir, "volumes", f"{case.case_id}_ifgsm_eps0.5.nii.gz"))
   np.testing.assert_allclose(img.affine, case.affine, atol=1e-5)
   delta = np.asarray(img.dataobj) - case.image
   assert np.abs(delta).max() <= 0.5 + 1e-5 and np.all(delta[case.image.sum(-1) == 0] == 0)
 
   report = open(os.path.join(workdir, "report.md")).read()
-  for text in ("default chosen here", "Wilcoxon", "figures/dice_vs_eps.png", "figures/example_slice.png",
+  for text in ("default chosen here", "Wilcoxon", "Findings and caveats", "Holm", "sample standard deviation", "figures/dice_vs_eps.png", "figures/example_slice.png",
                "Dice 1"):
     assert text in report
   assert json.load(open(os.path.join(workdir, "results", "headline.json")))["n_val"] == 3
@@ -176,12 +179,30 @@ def test_training_keys_cannot_change_in_a_finished_workdir(finished_study, tmp_p
   config, splits, finished, _ = finished_study
   workdir = str(tmp_path / "study")
   shutil.copytree(finished, workdir)
-  before = {f: open(os.path.join(workdir, f), "rb").read() for f in ("config.json", "manifest.json")}
+  before = _snapshot(workdir)
   config = _tiny_config()
   config.train.lr = 1e-2
   with pytest.raises(workdir_lib.WorkdirError, match="train.lr"):
     robustify.run(config, workdir, splits=splits)
-  assert before == {f: open(os.path.join(workdir, f), "rb").read() for f in before}
+  assert _snapshot(workdir) == before  # every file of the finished run byte-identical
+
+
+def test_a_data_error_writes_nothing(tmp_path):
+  from mri_poison.data.case import DataError
+  config = _tiny_config()
+  config.data.update(dict(source="brats", root=str(tmp_path / "no_such_root")))
+  with pytest.raises(DataError, match="no_such_root"):
+    robustify.run(config, str(tmp_path / "study"))
+  assert _snapshot(tmp_path / "study") == {}
+
+
+def _snapshot(folder):
+  out = {}
+  for root, _, files in os.walk(folder):
+    for f in files:
+      path = os.path.join(root, f)
+      out[os.path.relpath(path, folder)] = open(path, "rb").read()
+  return out
 
 
 class _TraceCounter:

@@ -30,45 +30,47 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> str:
   return path
 
 
-def dice_vs_eps(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
-                clean: Mapping[str, float], path, *, std: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
-                ylabel: str = "mean Dice (WT, TC, ET)", title: str | None = None) -> str:
-  """One panel per attack, one line per model: curves[attack][model] = (eps, dice); clean[model] dashed.
-
-  `std` (same nesting, values per eps) draws a shaded +-1 std band.
+def dice_vs_eps(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path, *,
+                ci: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]] | None = None,
+                ylabel: str = "mean Dice (WT, TC, ET)", xlabel: str = "eps (z-score units, L-inf)",
+                title: str | None = None) -> str:
+  """One panel per key of `curves` (e.g. a model), one line per inner key (e.g. an attack):
+  curves[panel][line] = (eps, dice), eps = 0 being the clean point. `ci` (same nesting, (low, high) per eps)
+  draws a shaded band (e.g. a bootstrap 95 % CI of the mean). The x axis is linear up to the smallest positive
+  eps and logarithmic above (symlog), so eps = 0 and a geometric grid both show.
   """
-  attacks = list(curves)
-  if not attacks:
-    raise ValueError("dice_vs_eps needs at least one attack")
-  cols = min(3, len(attacks))
-  rows = math.ceil(len(attacks) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
-  models = list(dict.fromkeys(m for a in attacks for m in curves[a]))
-  colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
-  for ax, attack in zip(axes.ravel(), attacks):
-    for model, (eps, dice) in curves[attack].items():
-      eps, dice = np.asarray(eps, float), np.asarray(dice, float)
-      ax.plot(eps, dice, "o-", color=colours[model], label=model)
-      if std is not None and model in std.get(attack, {}):
-        s = np.asarray(std[attack][model], float)
-        ax.fill_between(eps, dice - s, dice + s, color=colours[model], alpha=0.15, linewidth=0)
-      if model in clean:
-        ax.axhline(float(clean[model]), color=colours[model], linestyle="--", linewidth=0.8)
-    ticks = sorted({float(e) for m in curves[attack].values() for e in m[0]})
-    if ticks and min(ticks) > 0:
-      ax.set_xscale("log")
-      ax.set_xticks(ticks)
+  panels = list(curves)
+  if not panels:
+    raise ValueError("dice_vs_eps needs at least one panel")
+  cols = min(3, len(panels))
+  rows = math.ceil(len(panels) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.5 * rows), squeeze=False, sharey=True)
+  lines = list(dict.fromkeys(m for p in panels for m in curves[p]))
+  colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(lines)}
+  for ax, panel in zip(axes.ravel(), panels):
+    for line, (eps, dice) in curves[panel].items():
+      order = np.argsort(np.asarray(eps, float))
+      eps, dice = np.asarray(eps, float)[order], np.asarray(dice, float)[order]
+      ax.plot(eps, dice, "o-", color=colours[line], label=line, markersize=3.5)
+      if ci is not None and line in ci.get(panel, {}):
+        low, high = (np.asarray(v, float)[order] for v in ci[panel][line])
+        ax.fill_between(eps, low, high, color=colours[line], alpha=0.12, linewidth=0)
+    positive = sorted({float(e) for m in curves[panel].values() for e in m[0] if float(e) > 0})
+    if positive:
+      ax.set_xscale("symlog", linthresh=positive[0])
+      ax.set_xticks([0.0] + positive)
       ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
       ax.xaxis.set_minor_locator(mticker.NullLocator())
-    ax.set_title(attack)
-    ax.set_xlabel("eps (z-score units, L-inf)")
+      ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    ax.set_title(panel)
+    ax.set_xlabel(xlabel)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-  for ax in axes.ravel()[len(attacks):]:
+  for ax in axes.ravel()[len(panels):]:
     ax.axis("off")
   for ax in axes[:, 0]:
     ax.set_ylabel(ylabel)
-  axes.ravel()[0].legend(fontsize=8, title="model (dashed: clean)", title_fontsize=8)
+  axes.ravel()[0].legend(fontsize=7)
   if title:
     fig.suptitle(title)
   fig.tight_layout()

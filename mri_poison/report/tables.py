@@ -18,7 +18,9 @@ def group_rows(rows: Iterable[Mapping[str, Any]], keys: Sequence[str]) -> dict[t
 
 
 def summarize(rows: Iterable[Mapping[str, Any]], keys: Sequence[str], values: Sequence[str]) -> list[dict]:
-  """One row per group of `keys`: n, and mean / std (population) / median of every column in `values`."""
+  """One row per group of `keys`: n, and for every column in `values` its mean, sample SD (n - 1; NaN for
+  n = 1), median and a 95 % percentile-bootstrap CI of the mean (`_ci_low`, `_ci_high`; 2000 resamples, seed 0).
+  """
   out = []
   for group, members in group_rows(rows, keys).items():
     row = dict(zip(keys, group))
@@ -26,19 +28,31 @@ def summarize(rows: Iterable[Mapping[str, Any]], keys: Sequence[str], values: Se
     for v in values:
       a = np.asarray([float(m[v]) for m in members], np.float64)
       row[f"{v}_mean"] = float(np.mean(a))
-      row[f"{v}_std"] = float(np.std(a))
+      row[f"{v}_std"] = float(np.std(a, ddof=1)) if a.size > 1 else float("nan")
       row[f"{v}_median"] = float(np.median(a))
+      ci = metrics.bootstrap_ci(a, n_boot=2000)
+      row[f"{v}_ci_low"], row[f"{v}_ci_high"] = ci["low"], ci["high"]
     out.append(row)
   return out
 
 
 def wilcoxon_row(a: Sequence[float], b: Sequence[float], **labels) -> dict:
-  """labels + {mean_a, mean_b, median_diff (a - b), statistic, p_value, n} of a paired two-sided test."""
+  """labels + {mean_a, mean_b, mean_diff (a - b) with its 95 % bootstrap CI, median_diff, statistic, p_value, n,
+  n_effective (non-zero differences)} of a paired two-sided Wilcoxon signed-rank test."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   res = metrics.wilcoxon(a, b)
-  return {**labels, "mean_a": float(np.mean(a)), "mean_b": float(np.mean(b)),
-          "median_diff": res["median_diff"], "statistic": res["statistic"], "p_value": res["p_value"],
-          "n": res["n"]}
+  cmp = metrics.paired_comparison(a, b)
+  return {**labels, "mean_a": float(np.mean(a)), "mean_b": float(np.mean(b)), "mean_diff": cmp["mean_diff"],
+          "ci_low": cmp["ci_low"], "ci_high": cmp["ci_high"], "median_diff": res["median_diff"],
+          "statistic": res["statistic"], "p_value": res["p_value"], "n": res["n"], "n_effective": cmp["n_effective"]}
+
+
+def add_holm(rows: list[dict], family: Sequence[str] = ()) -> list[dict]:
+  """Adds "p_holm": Holm-adjusted p over each family of rows (rows sharing the `family` columns)."""
+  for members in group_rows(rows, family).values():
+    for r, p in zip(members, metrics.holm([m["p_value"] for m in members])):
+      r["p_holm"] = float(p)
+  return rows
 
 
 def paired_values(rows: Iterable[Mapping[str, Any]], select: Mapping[str, Any], value: str,

@@ -75,6 +75,9 @@ def study_workdir(workdir: str, config, *, resumable_keys: Sequence[str], seed: 
     except KeyboardInterrupt:
       status = "interrupted"
       raise
+    except FloatingPointError:
+      status = "non-finite"
+      raise
     finally:
       workdir_lib.end_manifest(workdir, manifest, end_step=0, status=status)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -153,3 +154,40 @@ def train_model(config, workdir: str, *, cases=None, loss_fn: LossFn | None = No
                       step_args=(hook_params,), mesh=mesh,
                       eval_fn=None if eval_fn is None else (lambda s, step: eval_fn(s["params"], step)))
   return state["params"]
+
+
+def load_model(path: str, name: str | None = None):
+  """(apply_fn, params, config) of a U-Net trained by `train_model`, from its workdir or a study's workdir.
+
+  `path` is a model folder (config.json + checkpoints/) or a study workdir holding models/<name>/ (e.g.
+  runs/robustify: name "undefended", "distilled", ...; the error lists the names when `name` is missing).
+  The params are those of the latest checkpoint that restores; `apply_fn(params, x) -> logits`.
+  """
+  import ml_collections
+
+  from mri_poison.train import checkpoint as ckpt
+  from mri_poison.train import workdir as workdir_lib
+  path = os.path.abspath(os.fspath(path))
+  models = os.path.join(path, "models")
+  if os.path.isdir(models) and not os.path.isdir(os.path.join(path, "checkpoints")):
+    names = sorted(n for n in os.listdir(models) if os.path.isdir(os.path.join(models, n, "checkpoints")))
+    if name is None and len(names) != 1:
+      raise ValueError(f"{path} holds several models {names}: pass name=")
+    path = os.path.join(models, name or names[0])
+  elif name is not None:
+    path = os.path.join(path, "models", name)
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path) or not os.path.isdir(os.path.join(path, "checkpoints")):
+    raise FileNotFoundError(f"{path}: not a trained model folder (expected config.json and checkpoints/)")
+  config = ml_collections.ConfigDict(workdir_lib.read_json(config_path, path)["config"])
+  model = state_lib.make_model(config.model)
+  tx = state_lib.make_optimizer(config.train)
+  like = _initial_state(model, tx, config, mesh_lib.make_mesh(), None)
+  manager = ckpt.make_manager(os.path.join(path, "checkpoints"), ckpt_every=1)
+  try:
+    restored = ckpt.restore_latest(manager, like)
+  finally:
+    manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"{path}/checkpoints: no checkpoint")
+  return state_lib.make_apply_fn(model), restored[0]["params"], config

@@ -124,7 +124,8 @@ def _horizon_error(workdir: str, old: Mapping[str, Any], new: Mapping[str, Any])
           "a fresh --workdir")
 
 
-def _read_json(path: str, workdir: str) -> dict:
+def read_json(path: str, workdir: str) -> dict:
+  """A JSON file of the workdir; an unreadable one is a WorkdirError naming it."""
   try:
     with open(path) as f:
       return json.load(f)
@@ -146,7 +147,7 @@ def check_config(workdir: str, config, *, resumable_keys=RESUMABLE_KEYS, has_che
   new = _flatten(config_dict(config))
   _check_schedule_steps(workdir, new)
   if os.path.exists(path):
-    old = _flatten(_read_json(path, workdir).get("config", {}))
+    old = _flatten(read_json(path, workdir).get("config", {}))
     skip = (STEPS_KEY, SCHEDULE_STEPS_KEY)
     changed = sorted(k for k in set(old) | set(new)
                      if k not in skip and old.get(k) != new.get(k)

@@ -1,6 +1,8 @@
 """Study 2: `run(config, workdir)`, the whole study from data to report.md."""
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import time
 
@@ -83,16 +85,18 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   """
   t_start = time.perf_counter()
   _check_config(config)
+  # Everything that can fail on bad input (config, workdir, data) fails before the workdir is written to.
+  common.check_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS)
+  if splits is None:
+    from mri_poison.data.datasets import load_splits
+    splits = load_splits(config.data)
+  val = list(splits["val"])
+  if int(config.eval.max_cases):
+    val = val[:int(config.eval.max_cases)]
+  if not val:
+    raise ValueError("config data.n_val: the study needs at least one validation case")
+  data = _stack(val)
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
-    if splits is None:
-      from mri_poison.data.datasets import load_splits
-      splits = load_splits(config.data)
-    val = list(splits["val"])
-    if int(config.eval.max_cases):
-      val = val[:int(config.eval.max_cases)]
-    if not val:
-      raise ValueError("config data.n_val: the study needs at least one validation case")
-    data = _stack(val)
     params = train_models(config, workdir, splits["train"])
     return _evaluate_and_report(config, workdir, params, data, val, t_start)
 
@@ -127,23 +131,23 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start) -> d
   for r in summary:
     r["drop_pct"] = 100.0 * (1.0 - r["dice_mean_mean"] / clean_mean[r["model"]]) if clean_mean[r["model"]] else 0.0
   io_utils.write_csv(os.path.join(results, "summary.csv"), summary)
-  wil = wilcoxon_rows(per_case, MODELS, all_attacks, eps)
+  wil = tables.add_holm(wilcoxon_rows(per_case, MODELS, all_attacks, eps), family=("region",))
   io_utils.write_csv(os.path.join(results, "wilcoxon.csv"), wil)
   robust = robust_fraction_rows(per_case, MODELS, attacks, eps, float(config.eval.robust_factor))
   io_utils.write_csv(os.path.join(results, "robust_fraction.csv"), robust)
   sanity = [r for m in MODELS for r in sanity_rows(table, cells, m, config, case_ids)]
   io_utils.write_csv(os.path.join(results, "sanity.csv"), sanity)
 
-  fig_dir = os.path.join(workdir, "figures")
-  curves, std = {}, {}
-  for attack in all_attacks:
-    curves[attack], std[attack] = {}, {}
-    for model in MODELS:
-      rs = [r for r in summary if r["model"] == model and r["attack"] == attack]
-      curves[attack][model] = ([r["eps"] for r in rs], [r["dice_mean_mean"] for r in rs])
-      std[attack][model] = [r["dice_mean_std"] for r in rs]
-  dice_fig = figures.dice_vs_eps(curves, clean_mean, os.path.join(fig_dir, "dice_vs_eps.png"), std=std,
-                                 title=f"Dice vs eps ({n} validation volumes; band: +-1 std)")
+  # One panel per model, one line per attack, eps = 0 the clean Dice; bands: bootstrap 95 % CI of the mean.
+  curves, ci = {m: {} for m in MODELS}, {m: {} for m in MODELS}
+  for model in MODELS:
+    clean = [r for r in summary if r["model"] == model and r["attack"] == "clean"]
+    for attack in all_attacks:
+      rs = clean + [r for r in summary if r["model"] == model and r["attack"] == attack]
+      curves[model][attack] = ([r["eps"] for r in rs], [r["dice_mean_mean"] for r in rs])
+      ci[model][attack] = ([r["dice_mean_ci_low"] for r in rs], [r["dice_mean_ci_high"] for r in rs])
+  dice_fig = figures.dice_vs_eps(curves, os.path.join(workdir, "figures", "dice_vs_eps.png"), ci=ci,
+                                 title=f"Dice vs eps ({n} validation volumes; band: bootstrap 95 % CI of the mean)")
   example = _example_stage(config, workdir, params["undefended"], digests["undefended"], data, val_cases)
 
   ref_eps = _nearest(eps, config.eval.reference_eps)
@@ -154,12 +158,32 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start) -> d
                                     if r["model"] == m and r["attack"] != "clean" and r["eps"] == ref_eps}
                                 for m in MODELS},
       "n_val": n, "eval_seconds": eval_s, "wall_seconds": time.perf_counter() - t_start,
+      "cost": _compute_cost(workdir, eval_s if todo else 0.0),
       "cells_computed": len(todo),
   }
   io_utils.write_json(os.path.join(results, "headline.json"), headline)
   write_report(config, workdir, summary, wil, robust, sanity, headline, dice_fig, example)
   logging.info("robustify: done in %.0f s; report at %s", headline["wall_seconds"], os.path.join(workdir, "report.md"))
   return headline
+
+
+def _compute_cost(workdir, eval_seconds: float) -> dict:
+  """What the results in the workdir cost to compute, whichever run computed them: training from each model's
+  manifest (its runs' wall times), evaluation accumulated in results/stages/cost.json over the runs that
+  computed new cells."""
+  path = os.path.join(workdir, "results", "stages", "cost.json")
+  total = json.load(open(path))["eval_seconds"] if os.path.exists(path) else 0.0
+  if eval_seconds:
+    total += eval_seconds
+    io_utils.write_json(path, {"eval_seconds": total})
+  train = {}
+  for m in os.listdir(os.path.join(workdir, "models")):
+    manifest = os.path.join(workdir, "models", m, "manifest.json")
+    if os.path.exists(manifest):
+      runs = json.load(open(manifest)).get("runs", [])
+      train[m] = sum((datetime.datetime.fromisoformat(r["end"]) - datetime.datetime.fromisoformat(r["start"]))
+                     .total_seconds() for r in runs if r.get("end"))
+  return {"train_seconds": train, "eval_seconds": total}
 
 
 def _example_stage(config, workdir, params, params_digest, data, val_cases) -> dict:
@@ -169,7 +193,7 @@ def _example_stage(config, workdir, params, params_digest, data, val_cases) -> d
   depends_on = {"params": params_digest, "data": data["digest"], "cases": list(data["case_id"][:k]),
                 "attack": str(ecfg.example_attack), "eps": float(ecfg.example_eps), "n_volumes": int(ecfg.n_volumes),
                 "steps": int(acfg.steps), "step_frac": float(acfg.step_frac), "restarts": int(acfg.restarts),
-                "target": str(acfg.target), "seed": int(acfg.seed), "version": EVAL_VERSION}
+                "target": str(acfg.target), "seed": int(acfg.seed), "version": EVAL_VERSION, "files": 2}
   files_exist = lambda r: all(os.path.exists(os.path.join(workdir, p)) for p in [r["figure"]] + r["volumes"])
   example = common.cached_stage(os.path.join(workdir, "results", "stages", "example.json"), depends_on,
                                 lambda: _example(config, workdir, params, data, val_cases), valid=files_exist)
@@ -207,11 +231,16 @@ def _example(config, workdir, params, data, val_cases) -> dict:
   if int(config.eval.n_volumes) > 0:
     for i in range(k):
       case = val_cases[i]
-      written.append(nifti.save_volume(os.path.join(vol_dir, f"{case.case_id}_{tag}.nii.gz"), x_adv[i], case.affine))
+      channels = "channels " + ",".join(modalities) + "; z-score units"
+      labels = "labels 0 background,1 necrotic core,2 oedema,3 enhancing"
+      written.append(nifti.save_volume(os.path.join(vol_dir, f"{case.case_id}_clean.nii.gz"), image[i],
+                                       case.affine, description=channels))
+      written.append(nifti.save_volume(os.path.join(vol_dir, f"{case.case_id}_{tag}.nii.gz"), x_adv[i],
+                                       case.affine, description=channels + f"; {tag}"))
       written.append(nifti.save_volume(os.path.join(vol_dir, f"{case.case_id}_{tag}_pred.nii.gz"),
-                                       pred_adv[i].astype(np.int16), case.affine))
+                                       pred_adv[i].astype(np.int16), case.affine, description=labels))
       written.append(nifti.save_volume(os.path.join(vol_dir, f"{case.case_id}_clean_pred.nii.gz"),
-                                       pred_clean[i].astype(np.int16), case.affine))
+                                       pred_clean[i].astype(np.int16), case.affine, description=labels))
   linf = float(np.max(np.abs(x_adv - image)))
   rel = lambda p: os.path.relpath(p, workdir)
   return {"figure": rel(fig), "volumes": [rel(p) for p in written], "attack": attack, "eps": e,

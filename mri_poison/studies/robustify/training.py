@@ -58,8 +58,10 @@ def train_models(config, workdir: str, train_cases) -> dict[str, Any]:
   plan = ("base", "undefended", "teacher", "distilled", "adversarial")
 
   def log_start(name):
-    logging.info("robustify: training %s (%d/%d) in %s; %.0f s so far", name, plan.index(name) + 1, len(plan),
-                 os.path.join(models_dir, name), time.perf_counter() - t0)
+    note = (f" (its logged loss is the T^2-scaled distillation loss, T = {t:g}: divide by {t * t:g} to compare)"
+            if name == "distilled" else "")
+    logging.info("robustify: training %s (%d/%d) in %s; %.0f s so far%s", name, plan.index(name) + 1, len(plan),
+                 os.path.join(models_dir, name), time.perf_counter() - t0, note)
 
   log_start("base")
   params["base"] = train_loop.train_model(_sub_config(config), os.path.join(models_dir, "base"), cases=train_cases)
