@@ -156,3 +156,18 @@ def test_training_with_defences_changes_robustness(tmp_path):
   probs = lambda p: jnp.max(jax.nn.softmax(apply_fn(p, x)), -1)
   assert float(jnp.mean(probs(student))) > float(jnp.mean(probs(base)))
   assert float(jnp.mean(probs(student) > 0.99)) > float(jnp.mean(probs(base) > 0.99)) + 0.1
+
+
+def test_adversarial_transform_with_as_many_attacked_examples_as_channels():
+  """4 attacked examples and 4 channels: per-example eps must not be mistaken for per-channel eps."""
+  import ml_collections
+  from mri_poison.defenses import adversarial as adv_lib
+  apply_fn = lambda params, x: jnp.concatenate([x * params, -x * params], axis=-1)  # a 2-class linear "model"
+  cfg = ml_collections.ConfigDict(dict(adv_lib.default_config(), ratio=0.5, eps=0.1, attack="fgsm"))
+  transform = adv_lib.adversarial_batch_transform(apply_fn, cfg)
+  image = jnp.ones((8, 6, 6, 4))
+  batch = {"image": image, "label": jnp.zeros((8, 6, 6), jnp.int32)}
+  out = transform(jnp.ones(()), batch, jax.random.PRNGKey(0))
+  delta = np.abs(np.asarray(out["image"] - image))
+  np.testing.assert_allclose(delta[:4].max(axis=(1, 2, 3)), 0.1, rtol=1e-5)
+  assert delta[4:].max() == 0

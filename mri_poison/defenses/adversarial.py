@@ -84,9 +84,10 @@ def adversarial_batch_transform(apply_fn: Callable, cfg: Any = None) -> Callable
     eps_key, coin_key, attack_key = jax.random.split(key, 3)
     x, y = image[:n_attack], label[:n_attack]
     mask = brain_mask(x) if brain_only else None
-    e = jnp.full((n_attack,), eps, jnp.float32)
+    # Per-example eps, full-rank (B, 1, ..., 1): a (B,) vector is ambiguous when B equals the channel count.
+    e = jnp.full((n_attack,) + (1,) * (x.ndim - 1), eps, jnp.float32)
     if random_eps:
-      e = e * jax.random.uniform(eps_key, (n_attack,))
+      e = e * jax.random.uniform(eps_key, e.shape)
     x_adv = adversarial_examples(apply_fn, params, x, y, attack_key, attack=attack, eps=e, steps=steps,
                                  step_size=step_frac * e, mask=mask)
     index = jnp.arange(n_attack)

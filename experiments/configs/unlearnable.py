@@ -1,0 +1,97 @@
+r"""Study 4 (unlearnable examples for segmentation: min-min and UMed; protect -> train -> test).
+
+Run (from the repository root; re-running the same command on the same workdir reuses protections and victims):
+  python -m experiments.unlearnable --config experiments/configs/unlearnable.py:runlocal --workdir /tmp/unlearnable_runlocal
+  python -m experiments.unlearnable --config experiments/configs/unlearnable.py --workdir runs/unlearnable_phantom
+  python -m experiments.unlearnable --config experiments/configs/unlearnable.py:brats --workdir runs/unlearnable_brats \
+      --config.data.root=/data/BraTS2021
+Any field can be overridden, e.g. --config.protect.eps=0.0157 --config.protect.umed.steps=1000.
+Outputs: workdir/report.md (start there), results/*.csv, figures/*.png, protected/<method>/ (NIfTI), models/*.
+
+Variants:
+  runlocal  CPU, a few minutes on 2 cores: 10 phantom heads (24^3 grid, 2D slices), 4 test cases, short runs.
+  phantom   (default) CPU, about 10 minutes on 2 cores: 36 phantom heads (32^3), 20 clean test cases.
+  brats     GPU: BraTS folder at --config.data.root, whole 2D axial slices of a 128^3 grid, 50 test cases,
+            long protection and victim runs (UMed at the reference lr 1e-4). Not run here.
+Settings the paper leaves open are defaults chosen here (marked [ours]); [ref]: a third-party UMed
+re-implementation (methods.md, study 4). Intensities are z-scored: eps is on [0, 1]-scaled intensities, each
+case and channel scaled by its own max - min (so eps x range in z-units).
+"""
+import ml_collections
+
+from mri_poison.data.datasets import default_data_config
+from mri_poison.defenses import adversarial
+from mri_poison.poison import unlearnable
+
+VARIANTS = ("runlocal", "phantom", "brats")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "phantom"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown config variant {arg!r}: expected one of {VARIANTS}")
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.seed = 0
+
+  config.data = default_data_config()
+  config.data.update(dict(
+      mode="2d", n_cases=36, n_val=20, phantom_shape=(40, 40, 40), shape=(32, 32, 32), patch_shape=(32, 32),
+      batch_size=8, tumour_fraction=0.7, fg_fraction=0.5, read_threads=2, prefetch=2,
+      augment=dict(flip=False, scale=0.0, shift=0.0)))  # victims' own augmentation off; "augment" regime adds it
+  # Victims: a fresh U-Net trained from scratch on each (protected) training split [ours].
+  config.model = ml_collections.ConfigDict(dict(
+      features=(8, 16, 32), out_channels=4, norm="instance", activation="leaky_relu", dropout=0.0,
+      dtype="float32", deep_supervision=False))
+  config.train = ml_collections.ConfigDict(dict(
+      seed=0, steps=250, lr=3e-3, warmup_steps=10, min_lr_ratio=0.0, weight_decay=1e-5, grad_clip=1.0,
+      log_every=50, ckpt_every=250, keep_checkpoints=1, eval_every=0, loss="ce_dice", schedule_steps=0))
+  # The surrogate segmenter of min-min and UMed [ours: the victims' architecture].
+  config.surrogate = ml_collections.ConfigDict(config.model.to_dict())
+
+  config.protect = unlearnable.default_config()
+  config.protect.minmin.update(dict(steps=100, lr=3e-3))  # [ours] CPU-sized: every record is visited ~4 times
+  config.protect.umed.update(dict(
+      lr=1e-3, surrogate_lr=1e-3))  # [ours] ref lr 1e-4 needs far longer runs than a CPU variant has
+  config.protect.update(dict(
+      methods=("none", "random", "minmin", "umed"),  # "none" first: the clean-trained reference
+      fractions=(0.25, 0.5, 0.75, 1.0),  # partial protection of `partial_method` (share of training cases)
+      partial_method="umed"))
+
+  config.counter = ml_collections.ConfigDict(dict(
+      regimes=("standard", "adversarial", "augment", "purify"),  # "standard" first
+      adversarial=dict(adversarial.default_config().to_dict(),
+                       # ratio 0.75: with batch 8 and 4 channels, 0.5 trips defenses.adversarial's eps-shape check
+                       attack="pgd", ratio=0.75, steps=3, step_frac=0.5,
+                       eps_scaled=8 / 255),  # [ours] 2x the protection budget (scaled units; z = x median range)
+      augment=dict(flip=True, scale=0.2, shift=0.2,  # pipeline flips and per-channel gain / offset [ours]
+                   blur_sigma=1.0, blur_prob=0.5),  # Gaussian blur sigma ~ U(0, blur_sigma) with prob [ours]
+      purify=dict(kind="gaussian",  # "gaussian" (slice-wise smoothing) | "quantize" (grey levels) [ours]
+                  sigma=1.0, levels=32)))
+  config.eval = ml_collections.ConfigDict(dict(
+      slice_batch=8, pad_multiple=4,  # whole-slice prediction of the test volumes
+      write_cases=4))  # protected training cases written as NIfTI per method (-1: all, 0: none)
+
+  d, t, p = config.data, config.train, config.protect
+  if variant == "runlocal":
+    d.update(dict(n_cases=10, n_val=4, phantom_shape=(32, 32, 32), shape=(24, 24, 16), patch_shape=(24, 24),
+                  read_threads=1))
+    config.model.features = (8, 16)
+    config.surrogate.features = (8, 16)
+    t.update(dict(steps=80, log_every=20, ckpt_every=80))
+    p.minmin.update(dict(steps=40, inner_steps=5))
+    p.umed.update(dict(steps=60))
+    p.fractions = (0.5, 1.0)
+    config.counter.adversarial.steps = 2
+    config.eval.write_cases = 2
+  elif variant == "brats":
+    d.update(dict(source="brats", root="", n_cases=0, n_val=50, phantom_shape=(128, 128, 128),
+                  shape=(128, 128, 128), patch_shape=(128, 128), batch_size=32, read_threads=8, prefetch=8))
+    config.model.update(dict(features=(32, 64, 128, 256), dtype="bfloat16"))
+    config.surrogate = ml_collections.ConfigDict(config.model.to_dict())
+    t.update(dict(steps=20000, lr=1e-3, warmup_steps=500, log_every=200, ckpt_every=2000))
+    p.update(dict(batch=32))
+    p.minmin.update(dict(steps=5000, lr=1e-3))
+    p.umed.update(dict(steps=20000, features=(16, 32, 64), lr=1e-4))  # [ref] lr
+    config.eval.update(dict(slice_batch=32, pad_multiple=16, write_cases=-1))
+  return config

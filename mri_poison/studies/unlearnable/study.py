@@ -1,0 +1,288 @@
+"""Study 4: `run(config, workdir)`: protect the training split, train fresh victims on it, test on clean data."""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from mri_poison import metrics
+from mri_poison.ops import morphology
+from mri_poison.poison import protected_io
+from mri_poison.poison import unlearnable as ul
+from mri_poison.studies import common
+from mri_poison.studies.unlearnable import counter
+from mri_poison.train import loop as train_loop
+from mri_poison.train import state as state_lib
+from mri_poison.train import trainer
+from mri_poison.train import evaluate as evaluate_lib
+
+# What may change between runs of one workdir: evaluation and report settings only add or re-derive results.
+RESUMABLE_KEYS = ("eval.",)
+EVAL_VERSION = 1
+DICE = ("dice_WT", "dice_TC", "dice_ET", "dice_mean")
+QUALITY = ("psnr", "ssim", "share_roi", "share_band", "linf_scaled")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _check_config(config) -> None:
+  p = config.protect
+  methods = tuple(p.methods)
+  if not methods or methods[0] != "none" or any(m not in ul.METHODS for m in methods) or len(set(methods)) != len(methods):
+    raise ValueError(f"config protect.methods={methods}: expected 'none' first, then distinct names of {ul.METHODS}")
+  regimes = tuple(config.counter.regimes)
+  if not regimes or regimes[0] != "standard" or any(r not in counter.REGIMES for r in regimes):
+    raise ValueError(f"config counter.regimes={regimes}: expected 'standard' first, then names of {counter.REGIMES}")
+  fractions = tuple(float(f) for f in p.fractions)
+  if any(not 0 < f <= 1 for f in fractions):
+    raise ValueError(f"config protect.fractions={fractions}: expected fractions in (0, 1]")
+  if str(p.partial_method) not in methods:
+    raise ValueError(f"config protect.partial_method={p.partial_method!r}: must be one of protect.methods")
+  if not 0 < float(p.eps) < 1:
+    raise ValueError(f"config protect.eps={p.eps}: expected a budget in (0, 1) on [0, 1]-scaled intensities")
+  if str(config.data.mode) != "2d":
+    raise ValueError("config data.mode: study 4 protects and trains on 2D axial slices; set data.mode='2d'")
+  if int(p.umed.k) < 1:
+    raise ValueError(f"config protect.umed.k={p.umed.k}: expected >= 1")
+
+
+def _sub_config(config, name: str, train: dict | None = None, data: dict | None = None, **extra):
+  sub = ml_collections.ConfigDict()
+  sub.victim = name
+  sub.data = copy.deepcopy(config.data)
+  if data:
+    sub.data.update(data)
+  sub.model = copy.deepcopy(config.model)
+  sub.train = copy.deepcopy(config.train)
+  if train:
+    sub.train.update(train)
+  for k, v in extra.items():
+    setattr(sub, k, ml_collections.ConfigDict(v) if isinstance(v, dict) else copy.deepcopy(v))
+  return sub
+
+
+# ------------------------------------------------------------------------------------------------ protection
+
+
+def _surrogate_init(config, shape):
+  model = state_lib.make_model(config.surrogate)
+  return model, (lambda key: state_lib.init_params(model, key, (1,) + tuple(shape)))
+
+
+def _protect_config(config, name, steps, **extra):
+  sub = ml_collections.ConfigDict()
+  sub.protect = copy.deepcopy(config.protect)
+  sub.surrogate = copy.deepcopy(config.surrogate)
+  sub.data = copy.deepcopy(config.data)
+  sub.method = name
+  sub.train = ml_collections.ConfigDict(dict(steps=int(steps), log_every=max(int(steps) // 5, 1),
+                                             ckpt_every=int(steps), keep_checkpoints=1, seed=int(config.protect.seed)))
+  for k, v in extra.items():
+    setattr(sub, k, v)
+  return sub
+
+
+def protect(method: str, config, workdir: str, data: dict) -> tuple[np.ndarray, dict]:
+  """(protected slice images (N, X, Y, C), info) for `method`; trained protections are resumable fit runs."""
+  p = config.protect
+  eps = float(p.eps)
+  key = jax.random.PRNGKey(int(p.seed))
+  shape = np.shape(data["image"])[1:]
+  if method == "none":
+    return np.asarray(data["image"]), {}
+  if method == "random":
+    return np.asarray(ul.random_noise(jax.random.fold_in(key, 1), data, eps)), {}
+  device_data = {k: jnp.asarray(v) for k, v in data.items()}
+  model, surrogate_init = _surrogate_init(config, shape)
+  apply_fn = state_lib.make_apply_fn(model)
+  if method == "minmin":
+    m = p.minmin
+    tx = optax.adam(float(m.lr))
+    init = ul.minmin_init(surrogate_init, jax.random.fold_in(key, 2), data, tx, str(m.mode))
+    step = ul.minmin_step_fn(apply_fn, tx, batch=int(p.batch), eps=eps, inner_steps=int(m.inner_steps),
+                             step_frac=float(m.step_frac), stop_loss=float(m.stop_loss), mode=str(m.mode))
+    state = trainer.fit(_protect_config(config, method, int(m.steps)), os.path.join(workdir, "protect", method),
+                        init_state=init, step_fn=step, step_args=(device_data,))
+    images = np.asarray(ul.minmin_protect(state, data, str(m.mode)))
+    return images, {"stopped_at": int(state["noise"]["stopped_at"]), "final_ema": float(state["noise"]["ema"])}
+  if method == "umed":
+    u = p.umed
+    g_c, g_t = ul.perturbators(u, int(shape[-1]))
+    txs = (optax.adam(float(u.lr)), optax.adam(float(u.lr)), optax.adam(float(u.surrogate_lr)))
+    init = ul.umed_init(g_c, g_t, surrogate_init, jax.random.fold_in(key, 3), data,
+                        dict(zip(("contour", "texture", "surrogate"), txs)))
+    step = ul.umed_step_fn(g_c, g_t, apply_fn, txs, batch=int(p.batch), eps=eps, k=int(u.k))
+    state = trainer.fit(_protect_config(config, method, int(u.steps)), os.path.join(workdir, "protect", method),
+                        init_state=init, step_fn=step, step_args=(device_data,))
+    return ul.umed_protect(g_c, g_t, state, data, eps), {}
+  raise ValueError(f"unknown protection {method!r}: expected one of {ul.METHODS}")
+
+
+def quality(cases, protected_cases, width: int) -> dict[str, list[float]]:
+  """Per training case: PSNR / SSIM on [0, 1]-scaled intensities, the perturbation's share in ROI and band."""
+  out = {k: [] for k in QUALITY}
+  for c, pc in zip(cases, protected_cases):
+    x, xp = np.asarray(c.image, np.float64), np.asarray(pc.image, np.float64)
+    r = ul.case_range(c.image)
+    lo = x.min(axis=(0, 1, 2))
+    out["psnr"].append(min(ul.scaled_psnr(x, xp, r), 200.0))  # identical images: capped, not inf, in the csv
+    out["ssim"].append(float(np.mean([metrics.ssim((x[..., k] - lo[k]) / r[k], (xp[..., k] - lo[k]) / r[k],
+                                                   data_range=1.0) for k in range(x.shape[-1])])))
+    tumour = jnp.moveaxis(jnp.asarray(c.label > 0), 2, 0)  # (Z, X, Y): slice-wise 2D morphology
+    band = np.moveaxis(np.asarray(morphology.contour_band(tumour, width, 2)), 0, 2)
+    support = np.moveaxis(np.asarray(morphology.dilate(tumour, width, 2)), 0, 2)
+    delta = xp - x
+    out["share_roi"].append(ul.share_inside(delta, support))
+    out["share_band"].append(ul.share_inside(delta, band))
+    out["linf_scaled"].append(float(np.max(np.abs(delta) / r)))
+  return out
+
+
+def _write_protected(workdir, config, protected, train_digest) -> dict[str, str]:
+  """The protected training splits as BraTS NIfTI folders (protected/<method>/; eval.write_cases of them)."""
+  k = int(config.eval.write_cases)
+  out = {}
+  for m, cases in protected.items():
+    if m == "none" or k == 0:
+      continue
+    chosen = cases if k < 0 else cases[:k]
+    root = os.path.join(workdir, "protected", m)
+    depends_on = {"data": common.tree_digest([c.image for c in chosen]), "ids": [c.case_id for c in chosen],
+                  "train": train_digest}
+    files_exist = lambda r: all(os.path.isdir(os.path.join(workdir, d)) for d in r)
+    common.cached_stage(os.path.join(workdir, "results", "stages", f"protected_{m}.json"), depends_on,
+                        lambda: [os.path.relpath(d, workdir) for d in protected_io.write_brats_folder(root, chosen)],
+                        valid=files_exist)
+    out[m] = os.path.relpath(root, workdir)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ victims
+
+
+def _test_arrays(cases) -> dict:
+  image = np.stack([c.image for c in cases]).astype(np.float32)
+  label = np.stack([c.label for c in cases]).astype(np.int32)
+  return {"image": image, "label": label, "case_id": [c.case_id for c in cases],
+          "digest": common.tree_digest((image, label))}
+
+
+def score(apply_fn, params, test: dict, config) -> dict[str, np.ndarray]:
+  """Per test case Dice of WT, TC, ET and their mean (whole-slice prediction of every axial slice)."""
+  out = {k: [] for k in DICE}
+  ev = config.eval
+  for image, label in zip(test["image"], test["label"]):
+    logits = evaluate_lib.predict_slices(apply_fn, params, image, batch=int(ev.slice_batch),
+                                         multiple=int(ev.pad_multiple))
+    pred = jnp.argmax(logits, axis=-1)[None]
+    d = np.asarray(metrics.dice_from_counts(metrics.region_counts(pred, jnp.asarray(label)[None])))[0]
+    for k, v in zip(DICE[:3], d):
+      out[k].append(float(v))
+    out["dice_mean"].append(float(np.mean(d)))
+  return out
+
+
+def _victim_plan(config) -> list[tuple[str, str, str, float]]:
+  """(victim name, protection, regime, fraction protected) of every victim, in training order."""
+  p, regimes = config.protect, tuple(config.counter.regimes)
+  plan = [(f"{m}/{r}", m, r, 1.0) for r in regimes for m in tuple(p.methods)]
+  for f in (float(f) for f in p.fractions):
+    if f < 1.0:
+      plan.append((f"{p.partial_method}@{f:g}/standard", str(p.partial_method), "standard", f))
+  return plan
+
+
+def _partial_cases(clean_cases, protected_cases, fraction: float, seed: int):
+  n = len(clean_cases)
+  k = int(round(fraction * n))
+  chosen = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+  return [pc if i in chosen else c for i, (c, pc) in enumerate(zip(clean_cases, protected_cases))]
+
+
+# ------------------------------------------------------------------------------------------------ the study
+
+
+def run(config, workdir: str, *, splits: dict | None = None) -> dict:
+  """Runs study 4 in `workdir` (see the package doc); returns the headline numbers.
+
+  `splits` ({"train": [Case], "val": [Case]}) overrides load_splits(config.data); "val" is the clean test split.
+  """
+  t_start = time.perf_counter()
+  _check_config(config)
+  with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
+    if splits is None:
+      from mri_poison.data.datasets import load_splits
+      splits = load_splits(config.data)
+    train_cases, test_cases = list(splits["train"]), list(splits["val"])
+    if not test_cases:
+      raise ValueError("config data.n_val: the study needs clean test cases")
+    return _run(config, workdir, train_cases, test_cases, t_start)
+
+
+def _run(config, workdir, train_cases, test_cases, t_start):
+  p = config.protect
+  width = int(p.umed.width)
+  data = ul.slice_set(train_cases, width=width)
+  methods = tuple(p.methods)
+  results = os.path.join(workdir, "results")
+  table = common.CellTable(os.path.join(results, "cells.csv"))
+  train_ids = [c.case_id for c in train_cases]
+  train_digest = common.tree_digest([c.image for c in train_cases])
+
+  # 1. protections (resumable fit runs) and their quality cells
+  protected, info = {}, {}
+  t0 = time.perf_counter()
+  for m in methods:
+    logging.info("unlearnable: protecting the training split with %s", m)
+    images, info[m] = protect(m, config, workdir, data)
+    protected[m] = ul.to_volumes(train_cases, data, images)
+    cell = common.make_cell("protection", m, float(p.eps), params=common.tree_digest([c.image for c in protected[m]]),
+                            settings={}, cases=train_ids, version=EVAL_VERSION, data=train_digest)
+    if cell not in table:
+      table.add(cell, train_ids, quality(train_cases, protected[m], width))
+      table.save()
+  protect_s = time.perf_counter() - t0
+  written = _write_protected(workdir, config, protected, train_digest)
+
+  # 2. victims
+  apply_fn = state_lib.make_apply_fn(state_lib.make_model(config.model))
+  ranges = np.stack([ul.case_range(c.image) for c in train_cases])
+  adv_eps_z = float(config.counter.adversarial.eps_scaled) * float(np.median(ranges))
+  setups = {r: counter.regime_setup(r, config, apply_fn, adv_eps_z) for r in tuple(config.counter.regimes)}
+  test = _test_arrays(test_cases)
+  plan = _victim_plan(config)
+  cells, t0 = {}, time.perf_counter()
+  progress = common.Progress(len(plan), name="unlearnable victims", unit="victims")
+  for i, (name, method, regime, fraction) in enumerate(plan):
+    cases = protected[method]
+    if fraction < 1.0:
+      cases = _partial_cases(train_cases, cases, fraction, int(p.seed))
+    if regime == "purify":
+      cases = [counter.purify_case(c, config.counter.purify) for c in cases]
+    data_updates, transform, extra = setups[regime]
+    sub = _sub_config(config, name, data=data_updates, protection={"method": method, "fraction": fraction,
+                                                                   "data": common.tree_digest([c.image for c in cases])},
+                      **extra)
+    params = train_loop.train_model(sub, os.path.join(workdir, "models", name.replace("/", "_")), cases=cases,
+                                    batch_transform=transform)
+    cell = common.make_cell(name, method, fraction, params=common.tree_digest(params), settings={"regime": regime},
+                            cases=test["case_id"], version=EVAL_VERSION, data=test["digest"])
+    if cell not in table:
+      table.add(cell, test["case_id"], score(apply_fn, params, test, config))
+      table.save()
+    cells[name] = cell
+    progress.update(i + 1)
+  victims_s = time.perf_counter() - t0
+
+  from mri_poison.studies.unlearnable import report as report_lib
+  return report_lib.finish(config, workdir, table, cells, plan, methods, train_ids, test, protected, train_cases,
+                           data, info, written, timings={"protect_s": protect_s, "victims_s": victims_s,
+                                                         "wall_s": time.perf_counter() - t_start})

@@ -1,0 +1,114 @@
+"""Min-min lowers its surrogate's loss on the protected data; UMed stays in eps and in ROI + band; PSNR as documented."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from mri_poison import losses, metrics
+from mri_poison.data import phantom
+from mri_poison.data.preprocess import preprocess_case
+from mri_poison.ops import morphology
+from mri_poison.poison import protected_io
+from mri_poison.poison import unlearnable as ul
+from mri_poison.train import state as state_lib
+from mri_poison.train import trainer
+
+EPS = 8 / 255
+
+
+@pytest.fixture(scope="module")
+def cases():
+  return [preprocess_case(phantom.make_case(s, shape=(24, 24, 24)), shape=(16, 16, 8)) for s in range(3)]
+
+
+@pytest.fixture(scope="module")
+def data(cases):
+  return ul.slice_set(cases, width=3)
+
+
+@pytest.fixture(scope="module")
+def surrogate():
+  model = state_lib.make_model(ml_collections.ConfigDict(dict(features=(4, 8), out_channels=4, norm="instance")))
+  return state_lib.make_apply_fn(model), (lambda key: state_lib.init_params(model, key, (1, 16, 16, 4)))
+
+
+def _config(steps):
+  return ml_collections.ConfigDict({"train": dict(steps=steps, log_every=steps, ckpt_every=steps, keep_checkpoints=1,
+                                                  seed=0)})
+
+
+def test_slice_set_round_trip_and_masks(cases, data):
+  n = sum(int((c.image != 0).any(axis=(0, 1, 3)).sum()) for c in cases)
+  assert data["image"].shape == (n, 16, 16, 4) and data["lbp"].shape == data["image"].shape
+  back = ul.to_volumes(cases, data, data["image"])
+  for c, b in zip(cases, back):
+    np.testing.assert_array_equal(c.image, b.image)
+  tumour = data["label"] > 0
+  np.testing.assert_array_equal(data["interior"] | (data["band"] & tumour), tumour)
+
+
+def test_scaled_psnr_is_documented_formula():
+  x = np.random.default_rng(0).normal(size=(6, 6, 4, 2))
+  r = ul.case_range(x)
+  xp = x + 0.01 * r  # every voxel moved by 1 % of its channel's range
+  assert ul.scaled_psnr(x, xp, r) == pytest.approx(40.0, abs=1e-5)
+  # one channel: the same as metrics.psnr with the clean channel's range
+  assert ul.scaled_psnr(x[..., :1], xp[..., :1], r[:1]) == pytest.approx(metrics.psnr(x[..., 0], xp[..., 0],
+                                                                                       data_range=r[0]))
+  assert ul.scaled_psnr(x, x, r) == float("inf")
+
+
+def test_random_noise_budget(data):
+  xp = np.asarray(ul.random_noise(jax.random.PRNGKey(0), data, EPS))
+  d = np.abs(xp - data["image"]) / data["range"][:, None, None, :]
+  assert d.max() <= EPS + 1e-6 and d[data["brain"]].mean() > 0.9 * EPS
+  np.testing.assert_array_equal(xp[~data["brain"]], 0.0)
+
+
+def test_minmin_lowers_surrogate_loss(data, surrogate, tmp_path):
+  apply_fn, init = surrogate
+  tx = optax.adam(3e-3)
+  state0 = ul.minmin_init(init, jax.random.PRNGKey(0), data, tx)
+  step = ul.minmin_step_fn(apply_fn, tx, batch=8, eps=EPS, inner_steps=5, step_frac=0.25, stop_loss=0.0)
+  dev = {k: jnp.asarray(v) for k, v in data.items()}
+  state = trainer.fit(_config(25), str(tmp_path / "mm"), init_state=state0, step_fn=step, step_args=(dev,))
+  protected = np.asarray(ul.minmin_protect(state, data))
+  delta = (protected - data["image"]) / data["range"][:, None, None, :]
+  assert np.abs(delta).max() <= EPS + 1e-6 and np.abs(delta).max() > 0.5 * EPS
+  np.testing.assert_array_equal(protected[~data["brain"]], 0.0)
+  params = state["surrogate"]["params"]
+  loss = lambda x: float(jnp.mean(losses.ce_dice(apply_fn(params, jnp.asarray(x)), jnp.asarray(data["label"]))))
+  clean, prot = loss(data["image"]), loss(protected)
+  assert prot < clean - 0.02, (prot, clean)  # the noise minimises the surrogate's error
+  # region-wise noise: one pattern per class, shared by every record
+  state_r = ul.minmin_init(init, jax.random.PRNGKey(0), data, tx, mode="region")
+  assert state_r["noise"]["delta"].shape == (4, 16, 16, 4)
+
+
+def test_umed_respects_eps_and_roi(data, surrogate, tmp_path, cases):
+  apply_fn, init = surrogate
+  cfg = ml_collections.ConfigDict(dict(features=(4, 8), theta=0.5))
+  g_c, g_t = ul.perturbators(cfg, 4)
+  txs = (optax.adam(3e-2), optax.adam(3e-2), optax.adam(3e-3))
+  state0 = ul.umed_init(g_c, g_t, init, jax.random.PRNGKey(1), data, dict(zip(("contour", "texture", "surrogate"), txs)))
+  step = ul.umed_step_fn(g_c, g_t, apply_fn, txs, batch=8, eps=EPS, k=2)
+  dev = {k: jnp.asarray(v) for k, v in data.items()}
+  state = trainer.fit(_config(6), str(tmp_path / "umed"), init_state=state0, step_fn=step, step_args=(dev,))
+  protected = ul.umed_protect(g_c, g_t, state, data, EPS)
+  delta = (protected - data["image"]) / data["range"][:, None, None, :]
+  support = np.asarray(morphology.dilate(data["label"] > 0, 3, 2))  # ROI + contour band
+  assert np.abs(delta).max() <= EPS + 1e-6 and np.abs(delta).max() > 0.1 * EPS
+  assert np.abs(delta[~support]).max() == 0.0
+  # the texture part is bounded by eps * LBP inside the interior
+  inner = data["interior"]
+  assert np.all(np.abs(delta[inner]) <= EPS * data["lbp"][inner] + 1e-6)
+  # written as a BraTS folder that the loader reads back
+  from mri_poison.data.loaders import load_case
+  prot_cases = ul.to_volumes(cases, data, protected)
+  dirs = protected_io.write_brats_folder(str(tmp_path / "nifti"), prot_cases[:1])
+  back = load_case(dirs[0])
+  np.testing.assert_allclose(back.image, prot_cases[0].image, atol=1e-6)
+  np.testing.assert_array_equal(back.label, prot_cases[0].label)
