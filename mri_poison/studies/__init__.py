@@ -1,6 +1,8 @@
 """One package per study, each with `run(config, workdir)`, and what they share (`common`).
 
   robustify   study 2: gradient attacks on a 3D U-Net and two defences (distillation, adversarial training)
+  deform      study 3: learned deformation-and-appearance attack (per case and generator), augmentation defence
+  unlearnable study 4: unlearnable examples (min-min, UMed): protect -> train a fresh victim -> clean test
 
 `common` holds the parts every study repeats: the workdir (config check, then config.json), the progress line,
 cached stages and evaluation cells (one long-form table of (victim, threat, budget, case, metric, value) rows

@@ -1,0 +1,45 @@
+"""studies.deform: one tiny end-to-end run (2D arm, the deformation threats and the generator), then a rerun."""
+import csv
+import json
+import os
+
+import numpy as np
+
+from experiments.configs import deform as deform_config
+from mri_poison.studies import deform as study
+
+
+def tiny_config():
+  c = deform_config.get_config("runlocal")
+  c.data.update(dict(n_cases=10, n_val=4))
+  c.arm2d.model.features = (8, 16)
+  c.arm2d.train.update(dict(steps=12, log_every=100, ckpt_every=100))
+  c.arm2d.generator_steps = 6
+  c.deform.update(dict(steps=8))
+  c.attack.update(dict(deltas=(0.1,), gradient_attacks=(), eps=(), gradient_steps=2))
+  c.defence.arms = ()  # the defence's transform is tested in tests/test_attacks_deform.py (time budget)
+  c.eval.update(dict(example_delta=0.1, n_volumes=1))
+  return c
+
+
+def test_tiny_run_writes_cells_report_and_volumes_then_reuses_them(tmp_path):
+  config = tiny_config()
+  workdir = str(tmp_path / "wd")
+  headline = study.run(config, workdir)
+  rows = list(csv.DictReader(open(os.path.join(workdir, "results", "cells.csv"))))
+  threats = {(r["victim"], r["threat"]) for r in rows}
+  assert {("2d/undefended", t) for t in ("deform", "deform_max", "random", "generator")} <= threats
+  by = lambda metric: np.asarray([float(r["value"]) for r in rows if r["metric"] == metric])
+  assert np.all(by("max_disp") <= config.deform.max_disp + 1e-4)
+  assert np.all(by("bias_max") <= 1 + config.deform.bias_range + 1e-5)
+  assert np.all(by("folded") == 0.0)
+  assert len(headline["primary"]) == 2 and all(0 <= p["p_holm"] <= 1 for p in headline["primary"])
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "Findings and caveats" in report and "exploratory" in report
+  assert os.path.exists(os.path.join(workdir, "figures", "achieved_vs_target_2d.png"))
+  assert any(f.endswith("_label.nii.gz") for f in os.listdir(os.path.join(workdir, "volumes")))
+  # A rerun computes nothing new and gives the same numbers.
+  mtime = os.path.getmtime(os.path.join(workdir, "results", "cells.csv"))
+  again = study.run(config, workdir)
+  assert os.path.getmtime(os.path.join(workdir, "results", "cells.csv")) == mtime
+  assert json.dumps(again["primary"], sort_keys=True) == json.dumps(headline["primary"], sort_keys=True)
