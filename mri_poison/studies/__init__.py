@@ -1,6 +1,7 @@
 """One package per study, each with `run(config, workdir)`, and what they share (`common`).
 
   robustify   study 2: gradient attacks on a 3D U-Net and two defences (distillation, adversarial training)
+  poison      study 1: synthetic-data poisoning of U-Net training with a SANTA-style translation GAN
   deform      study 3: learned deformation-and-appearance attack (per case and generator), augmentation defence
   unlearnable study 4: unlearnable examples (min-min, UMed): protect -> train a fresh victim -> clean test
 

@@ -1,0 +1,209 @@
+"""Study 1: `run(config, workdir)`, the synthetic-poisoning sweep from data to report.md."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from mri_poison import io_utils
+from mri_poison.poison import detect
+from mri_poison.poison import mixing
+from mri_poison.poison import translation
+from mri_poison.studies import common
+from mri_poison.studies.poison import evaluation
+from mri_poison.studies.poison import training
+from mri_poison.studies.poison import translator
+from mri_poison.studies.poison.report import dice_figure, write_report
+
+# What may change between runs of one workdir: adding seeds or modes trains only the new sweeps; evaluation and
+# detection settings only add or recompute results. Anything else would change the GAN or the segmenters.
+RESUMABLE_KEYS = ("eval.", "detect.", "sweep.seeds", "sweep.modes", "sweep.stacked")
+PAPER = {2: 0.8937, 5: 0.7474}  # the seed paper's mean Dice at 33.33 % and 83.33 % synthetic (its own data)
+
+
+def _check_config(config) -> None:
+  sw = config.sweep
+  n_parts = int(sw.n_parts)
+  ks = tuple(int(k) for k in sw.ks)
+  if n_parts < 1 or not ks or 0 not in ks or min(ks) < 0 or max(ks) >= n_parts or len(set(ks)) != len(ks):
+    raise ValueError(f"config sweep.ks={ks}: expected distinct shares k/{n_parts} with 0 <= k < sweep.n_parts, "
+                     "including k = 0 (the all-real reference)")
+  modes = tuple(sw.modes)
+  if not modes or any(m not in mixing.MODES for m in modes):
+    raise ValueError(f"config sweep.modes={modes}: expected a non-empty subset of {mixing.MODES}")
+  if not tuple(sw.seeds):
+    raise ValueError("config sweep.seeds: expected at least one seed")
+  if int(config.model.out_channels) != 1:
+    raise ValueError("config model.out_channels must be 1 (binary enhancing-tumour segmenter)")
+  translation.channels(config.gan, config.data.modalities)
+
+
+def run(config, workdir: str, *, splits: dict | None = None) -> dict:
+  """Runs the study in `workdir`; returns the headline numbers (see report.md for everything).
+
+  A rerun reuses the GAN, every trained sweep and every evaluation cell; more seeds or another mode (sweep.seeds,
+  sweep.modes) train only the new sweeps.
+  """
+  t_start = time.perf_counter()
+  _check_config(config)
+  with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
+    if splits is None:
+      from mri_poison.data.datasets import load_splits
+      splits = load_splits(config.data)
+    train, val = list(splits["train"]), list(splits["val"])
+    if not val:
+      raise ValueError("config data.n_val: the study needs validation cases")
+    results = os.path.join(workdir, "results")
+    source, target = translation.channels(config.gan, config.data.modalities)
+
+    # 1. The GAN and the synthetic target contrast of every case.
+    t0 = time.perf_counter()
+    gen_params = translator.train(config, workdir, train)
+    gan_digest = common.tree_digest(gen_params)
+    synth_train = translation.synthesize_volumes(config.gan, gen_params, train, source)
+    quality = translator.quality_stage(config, workdir, gen_params, gan_digest, val)
+    gan_s = time.perf_counter() - t0
+
+    # 2. The sweeps: one stacked training per (mode, seed).
+    name = str(config.gan.target)
+    real_seg = training.target_only(train, target, name)
+    val_seg = training.target_only(val, target, name)
+    ks, n_parts = [int(k) for k in config.sweep.ks], int(config.sweep.n_parts)
+    val_image = np.stack([c.image for c in val_seg]).astype(np.float32)
+    val_label = np.stack([c.label for c in val_seg]).astype(np.int32)
+    val_ids = [c.case_id for c in val_seg]
+    val_digest = common.tree_digest((val_image, val_label))
+    table = common.CellTable(os.path.join(results, "cells.csv"))
+    from mri_poison.train import state as state_lib
+    apply_fn = state_lib.make_apply_fn(state_lib.make_model(config.model))
+    records, cells, t_train, t_eval = [], {}, 0.0, 0.0
+    for mode in config.sweep.modes:
+      for seed in config.sweep.seeds:
+        sets = [mixing.mix_cases(real_seg, synth_train, k, mode=mode, n_parts=n_parts, seed=int(seed)) for k in ks]
+        records += [r for _, r in sets]
+        sub = training.segmenter_config(config, int(seed), sweep={"mode": mode, "ks": ks, "n_parts": n_parts,
+                                                                  "gan": gan_digest})
+        t0 = time.perf_counter()
+        logging.info("poison sweep: training %s seed %d (%d models) in %s", mode, int(seed), len(ks),
+                     os.path.join(workdir, "models", mode, f"seed{int(seed)}"))
+        params = training.train_sweep(sub, os.path.join(workdir, "models", mode, f"seed{int(seed)}"),
+                                      [c for c, _ in sets], stacked=config.sweep.stacked)
+        t_train += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        entries = [(mode, int(seed), k, r["share"], common.tree_digest(p)) for k, (_, r), p in zip(ks, sets, params)]
+        these = evaluation.make_cells(entries, val_ids, val_digest)
+        cells.update(these)
+        todo = table.missing(these.values())
+        if todo:
+          pred = evaluation.predict_et(apply_fn, params, val_image)
+          for m, key in enumerate(these):
+            if these[key] in todo:
+              table.add(these[key], val_ids, evaluation.case_metrics(pred[m], val_label))
+          table.save()
+        t_eval += time.perf_counter() - t0
+    io_utils.write_json(os.path.join(results, "mixing.json"), records)
+
+    # 3. Tables and statistics.
+    per_case = [{"mode": mode, "seed": seed, "k": k, "share": cells[(mode, seed, k)].budget, "case": case,
+                 **{m: table.values(cells[(mode, seed, k)], m, [case])[0] for m in evaluation.METRICS}}
+                for (mode, seed, k) in cells for case in val_ids]
+    io_utils.write_csv(os.path.join(results, "per_case.csv"), per_case)
+    sweep_rows = _sweep_rows(per_case, config)
+    io_utils.write_csv(os.path.join(results, "poison_sweep.csv"), sweep_rows)
+    tests = []
+    n_boot = int(config.eval.n_boot)
+    for mode in config.sweep.modes:
+      for metric in evaluation.METRICS:
+        averaged = {k: _seed_average(per_case, mode, k, metric, val_ids) for k in ks}
+        for r in evaluation.comparisons(averaged, ks, n_boot=n_boot, seed=int(config.seed)):
+          tests.append({"mode": mode, "metric": metric, "primary": mode == "replace" and metric == "dice", **r})
+    io_utils.write_csv(os.path.join(results, "comparisons.csv"), tests)
+
+    # 4. Detectability of the poison (cached on the GAN and the detector settings).
+    t0 = time.perf_counter()
+    depends = {"gan": gan_digest, "detect": config.detect.to_dict(), "train": [c.case_id for c in train],
+               "val": val_ids, "data": val_digest}
+    detection = common.cached_stage(
+        os.path.join(results, "stages", "detectability.json"), depends,
+        lambda: detect.detectability([c.image[..., target] for c in train], synth_train,
+                                     [c.image[..., target] for c in val], quality["synthetic"], config.detect))
+    io_utils.write_json(os.path.join(results, "detectability.json"), detection)
+    detect_s = time.perf_counter() - t0
+
+    fig = dice_figure(sweep_rows, config, os.path.join(workdir, "figures", "dice_vs_share.png"))
+    headline = _headline(sweep_rows, tests, detection, quality, config, n_val=len(val_ids))
+    headline.update({"wall_seconds": time.perf_counter() - t_start, "gan_seconds": gan_s,
+                     "sweep_train_seconds": t_train, "eval_seconds": t_eval, "detect_seconds": detect_s})
+    io_utils.write_json(os.path.join(results, "headline.json"), headline)
+    write_report(config, workdir, headline, sweep_rows, tests, detection, quality, fig, records,
+                 n_train=len(train), paper=PAPER)
+    logging.info("poison sweep: done in %.0f s; report at %s", headline["wall_seconds"],
+                 os.path.join(workdir, "report.md"))
+    return headline
+
+
+def _seed_average(per_case, mode, k, metric, case_ids) -> np.ndarray:
+  """(N,) per-case `metric` of (mode, k) averaged over the sweep's seeds, in the order of case_ids."""
+  by_case: dict[str, list[float]] = {}
+  for r in per_case:
+    if r["mode"] == mode and r["k"] == k:
+      by_case.setdefault(r["case"], []).append(float(r[metric]))
+  return np.asarray([np.mean(by_case[c]) for c in case_ids])
+
+
+def _sweep_rows(per_case, config) -> list[dict]:
+  """results/poison_sweep.csv: per (mode, seed, k) and per (mode, k) over seeds ("all"): mean and SD over cases
+  of every metric; the "all" rows add the SD of the per-seed means (seed-to-seed spread)."""
+  rows = []
+  ks = [int(k) for k in config.sweep.ks]
+  for mode in config.sweep.modes:
+    for k in ks:
+      mine = [r for r in per_case if r["mode"] == mode and r["k"] == k]
+      seeds = sorted({r["seed"] for r in mine})
+      for seed in seeds + ["all"]:
+        sel = mine if seed == "all" else [r for r in mine if r["seed"] == seed]
+        row = {"mode": mode, "seed": seed, "k": k, "share": float(np.mean([r["share"] for r in sel])),
+               "share_pct": 100.0 * float(np.mean([r["share"] for r in sel])), "n_cases": len({r["case"] for r in sel})}
+        for m in evaluation.METRICS:
+          if seed == "all":
+            cases = sorted({r["case"] for r in sel})
+            v = np.asarray([np.mean([r[m] for r in sel if r["case"] == c]) for c in cases])
+            per_seed = [np.mean([r[m] for r in sel if r["seed"] == s]) for s in seeds]
+            row[f"{m}_seed_sd"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
+          else:
+            v = np.asarray([r[m] for r in sel])
+          row[f"{m}_mean"], row[f"{m}_sd"] = float(np.mean(v)), float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+        rows.append(row)
+  return rows
+
+
+def _headline(sweep_rows, tests, detection, quality, config, *, n_val) -> dict:
+  ks = [int(k) for k in config.sweep.ks]
+  out = {"n_val": n_val, "seeds": [int(s) for s in config.sweep.seeds], "ks": ks,
+         "gan_quality": quality["summary"],
+         "detect_auc": {"cnn": detection["cnn"], "frequency": detection["frequency"]}}
+  for mode in config.sweep.modes:
+    agg = {r["k"]: r for r in sweep_rows if r["mode"] == mode and r["seed"] == "all"}
+    means = [agg[k]["dice_mean"] for k in ks]
+    top = max(ks)
+    test = next((t for t in tests if t["mode"] == mode and t["metric"] == "dice" and t["k"] == top), None)
+    out[mode] = {
+        "dice": {str(k): agg[k]["dice_mean"] for k in ks},
+        "dice_sd": {str(k): agg[k]["dice_sd"] for k in ks},
+        "dice_seed_sd": {str(k): agg[k]["dice_seed_sd"] for k in ks},
+        "share": {str(k): agg[k]["share"] for k in ks},
+        "monotone_decreasing": bool(all(a >= b for a, b in zip(means, means[1:]))),
+        "kendall_tau_dice_vs_k": _kendall(ks, means),
+        "top_vs_0": test,
+    }
+  return out
+
+
+def _kendall(x, y) -> float:
+  import scipy.stats
+  if len(x) < 2:
+    return float("nan")
+  return float(scipy.stats.kendalltau(x, y).statistic)
+

@@ -1,0 +1,104 @@
+"""Study 1: the translation GAN as a stage (trained in workdir/models/gan) and its quality on held-out cases.
+
+`run_gan(config, workdir)` is what `python -m experiments.train_gan` calls: trains the GAN on the training
+split, synthesises the target contrast of the validation cases, and writes results/gan_quality.csv (PSNR,
+SSIM, MAE against the real target, per case), figures/gan_grid.png (source / synthetic / real) and report.md.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from mri_poison import io_utils
+from mri_poison import metrics
+from mri_poison.poison import translation
+from mri_poison.report import figures
+from mri_poison.report import markdown
+from mri_poison.studies import common
+
+QUALITY = ("psnr", "ssim", "mae")
+
+
+def train(config, workdir: str, train_cases) -> dict:
+  """Generator params, trained (or resumed / reused) in workdir/models/gan."""
+  return translation.train_gan(config.gan, config.data, os.path.join(workdir, "models", "gan"), train_cases)
+
+
+def quality_rows(synthetic, cases, target: int) -> list[dict]:
+  """Per case: PSNR, SSIM (joint data range of the two volumes) and MAE of the synthetic vs the real target."""
+  rows = []
+  for s, c in zip(synthetic, cases):
+    real = c.image[..., target]
+    rows.append({"case": c.case_id, "psnr": metrics.psnr(s, real), "ssim": metrics.ssim(s, real),
+                 "mae": float(np.mean(np.abs(s - real)))})
+  return rows
+
+
+def grid_figure(cases, synthetic, source: int, target: int, names, path: str, n: int = 3) -> str:
+  """Rows: cases; columns: source / synthetic / real target on the slice with the most enhancing tumour."""
+  import matplotlib.pyplot as plt
+  n = max(1, min(int(n), len(cases)))
+  fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
+  for i in range(n):
+    c = cases[i]
+    z = int(np.argmax((c.label == 3).sum(axis=(0, 1)))) if c.label is not None else c.shape[2] // 2
+    panels = [(c.image[:, :, z, source], f"{names[0]} (source)"), (synthetic[i][:, :, z], f"synthetic {names[1]}"),
+              (c.image[:, :, z, target], f"real {names[1]}")]
+    lo, hi = np.percentile(c.image[:, :, z, target], [1, 99])
+    for j, (img, title) in enumerate(panels):
+      ax = axes[i, j]
+      kw = {} if j == 0 else {"vmin": lo, "vmax": hi}
+      ax.imshow(np.rot90(img), cmap="gray", **kw)
+      ax.set_title(f"{c.case_id}: {title}" if j == 0 else title, fontsize=8)
+      ax.axis("off")
+  fig.tight_layout()
+  return figures.save_figure(fig, path)
+
+
+def quality_stage(config, workdir, gen_params, gan_digest, val_cases) -> dict:
+  """Synthetic validation volumes, per-case quality rows and the figure grid (the grid is a cached stage)."""
+  source, target = translation.channels(config.gan, config.data.modalities)
+  synthetic = translation.synthesize_volumes(config.gan, gen_params, val_cases, source)
+  rows = quality_rows(synthetic, val_cases, target)
+  io_utils.write_csv(os.path.join(workdir, "results", "gan_quality.csv"), rows)
+  names = (str(config.gan.source), str(config.gan.target))
+  n_fig = int(config.eval.n_figure_cases)
+  depends = {"gan": gan_digest, "cases": [c.case_id for c in val_cases[:n_fig]], "n": n_fig}
+  fig = common.cached_stage(
+      os.path.join(workdir, "results", "stages", "gan_grid.json"), depends,
+      lambda: os.path.relpath(grid_figure(val_cases, synthetic, source, target, names,
+                                          os.path.join(workdir, "figures", "gan_grid.png"), n_fig), workdir),
+      valid=lambda p: os.path.exists(os.path.join(workdir, p)))
+  summary = {m: {"mean": float(np.mean([r[m] for r in rows])), "sd": float(np.std([r[m] for r in rows]))}
+             for m in QUALITY}
+  return {"synthetic": synthetic, "rows": rows, "figure": os.path.join(workdir, fig), "summary": summary}
+
+
+def run_gan(config, workdir: str, *, splits: dict | None = None) -> dict:
+  """Trains the GAN and reports its quality on the validation cases; returns {metric: {"mean", "sd"}}."""
+  t0 = time.perf_counter()
+  translation.channels(config.gan, config.data.modalities)  # a bad gan.source fails before anything is written
+  with common.study_workdir(workdir, config, resumable_keys=("eval.",), seed=int(config.seed)) as (workdir, _):
+    if splits is None:
+      from mri_poison.data.datasets import load_splits
+      splits = load_splits(config.data)
+    val = list(splits["val"])
+    if int(config.eval.max_cases):
+      val = val[:int(config.eval.max_cases)]
+    gen_params = train(config, workdir, splits["train"])
+    quality = quality_stage(config, workdir, gen_params, common.tree_digest(gen_params), val)
+    r = markdown.Report(f"Translation GAN: {config.gan.source} -> {config.gan.target}")
+    r.paragraph(
+        f"SANTA-style GAN (shared encoder, AdaIN decoder conditioned on d, shortest-path regulariser) trained "
+        f"for {int(config.gan.train.steps)} steps on {len(splits['train'])} `{config.data.source}` cases; "
+        f"quality on {len(val)} held-out cases in z-score units (whole volume, background included). "
+        f"Wall time {time.perf_counter() - t0:.0f} s.")
+    r.table([{"metric": m, **quality["summary"][m]} for m in QUALITY], ["metric", "mean", "sd"],
+            caption="Synthetic vs real target contrast, mean and SD over held-out cases.")
+    r.image(quality["figure"], "source / synthetic / real", base_dir=workdir)
+    r.paragraph("Per case: `results/gan_quality.csv`; training curves: `models/gan/metrics.jsonl`.")
+    r.write(os.path.join(workdir, "report.md"))
+    io_utils.write_json(os.path.join(workdir, "results", "gan_quality.json"), quality["summary"])
+  return quality["summary"]
