@@ -2,9 +2,7 @@ r"""Study 3: learned deformation-and-appearance attack; see experiments/configs/
 
   python -m experiments.deform_attack --config experiments/configs/deform.py:runlocal --workdir /tmp/deform
 """
-from absl import app
 from absl import flags
-from absl import logging
 
 from experiments import launch_utils
 from mri_poison.studies import deform
@@ -14,17 +12,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where models, results, figures 
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required (where models, results, figures and report.md go)")
-  launch_utils.init_processes()
-  logging.set_verbosity(logging.INFO)
-  headline = deform.run(_CONFIG.value, _WORKDIR.value)
-  print(f"report: {_WORKDIR.value}/report.md")
-  for row in headline["primary"]:
-    print(f"[{row['arm']}] {row['comparison']}: {row['mean_diff']:+.3f} "
-          f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] Holm p={row['p_holm']:.3g} (n={row['n']})")
+  launch_utils.run_study(deform.run, _CONFIG.value, _WORKDIR.value, argv, summary=lambda h: [
+      f"[{r['arm']}] {r['comparison']}: {r['mean_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] "
+      f"Holm p={r['p_holm']:.3g} (n={r['n']})" for r in h["primary"]])
 
 
 if __name__ == "__main__":

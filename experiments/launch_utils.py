@@ -46,6 +46,22 @@ def init_processes() -> None:
     jax.distributed.initialize()
 
 
+def run_study(study_run, config, workdir, argv, summary=None):
+  """What every study launcher's main does: check the arguments, run `study_run(config, workdir)`, print where
+  the report is and the lines `summary(result)` returns."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not workdir:
+    raise app.UsageError("--workdir is required (where models, results, figures and report.md go)")
+  init_processes()
+  logging.set_verbosity(logging.INFO)
+  result = study_run(config, workdir)
+  print(f"report: {workdir}/report.md")
+  for line in (summary(result) if summary else ()):
+    print(line)
+  return result
+
+
 # ------------------------------------------------------------------------------------------------ config files
 
 

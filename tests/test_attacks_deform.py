@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mri_poison.attacks import deform
-from mri_poison.data.datasets import default_data_config, load_splits
+from mri_poison.data.datasets import load_splits
 from mri_poison.ops import warp
 
 # The tiny study config of tests/test_studies_deform.py uses the same model, shapes and settings, so the

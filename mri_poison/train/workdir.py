@@ -35,7 +35,6 @@ import numpy as np
 from absl import logging
 
 from mri_poison import io_utils
-from mri_poison import progress as progress_lib
 
 # Keys that may change between a run and its resumption (logging cadence, other eval). `train.steps` is not
 # here: it may change only through `train.schedule_steps`, which keeps the learning-rate schedule continuous

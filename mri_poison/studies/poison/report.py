@@ -110,7 +110,7 @@ def write_report(config, workdir, headline, sweep_rows, tests, detection, qualit
       f"{gt.lr:g}, betas ({gt.b1:g}, {gt.b2:g}); {int(gt.steps)} steps, batch {int(gt.batch_size)} "
       f"(width {int(gm.features)}, steps, lr and batch: *defaults chosen here*). Trained on the training cases "
       "only (the paper's GAN was trained on separate paired CT-MRI).",
-      f"Synthetic volumes: generator at d = 1 without latent noise, slice by slice, masked to the head and "
+      "Synthetic volumes: generator at d = 1 without latent noise, slice by slice, masked to the head and "
       "z-scored inside it; labels are the source case's.",
       f"Mixing: mode `replace` (fixed set size; the first round(k n/{n_parts}) cases of a seeded permutation get "
       "the synthetic T1-Ce, so the synthetic sets are nested) and `add`; chosen cases per seed in "
