@@ -9,7 +9,6 @@ GPU (BraTS sizes; the issue's target is >= 2x for the vmapped sweep):
   python -m experiments.bench.poison_sweep --config experiments/configs/poison.py:brats --steps 50 \
       --config.data.batch_size=16
 """
-import statistics
 import time
 
 import jax
@@ -17,18 +16,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.bench import timing
+
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/poison.py", "Study 1 config.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
 _MODELS = flags.DEFINE_integer("models", 6, "Models in the sweep (M).")
-
-
-def _median(fn, n):
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def main(argv):
@@ -74,7 +66,7 @@ def main(argv):
     jax.block_until_ready(run_stacked())
     jax.block_until_ready(run_sequential())
   n = int(_STEPS.value)
-  t_stacked, t_seq = _median(run_stacked, n), _median(run_sequential, n)
+  t_stacked, t_seq = timing.median_time(run_stacked, n), timing.median_time(run_sequential, n)
   device = jax.devices()[0]
   print(f"device: {device.platform} ({device.device_kind}); M={m}, batch {b}, patch {patch}, "
         f"U-Net features {tuple(sub.model.features)}, {sub.model.dtype}")

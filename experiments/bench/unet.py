@@ -7,7 +7,6 @@ GPU (the issue's comparison: batch 2, 128^3, BasicUNet layout, bf16; beside ../s
       --batch 2 --dtype bfloat16 --steps 20 --eval_size 160
 """
 import datetime
-import statistics
 import time
 
 import jax
@@ -15,21 +14,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.bench import timing
+
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/unet.py:phantom3d", "Model/train config.")
 _SIZE = flags.DEFINE_integer("size", 32, "Cubic patch size (3D) or square slice size (2D).")
 _BATCH = flags.DEFINE_integer("batch", 2, "Global batch.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype override (float32 | bfloat16).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warmup steps).")
 _EVAL_SIZE = flags.DEFINE_integer("eval_size", 0, "Volume edge for the sliding-window timing (0 = skip).")
-
-
-def _median_time(fn, n):
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def main(argv):
@@ -68,8 +60,8 @@ def main(argv):
     def one():
       holder["state"], metrics = step(holder["state"], batch)
       return metrics["loss"]
-    _median_time(one, 2)
-    ms = 1e3 * _median_time(one, _STEPS.value)
+    timing.median_time(one, 2)
+    ms = 1e3 * timing.median_time(one, _STEPS.value)
     print(f"train step: median {ms:.2f} ms over {_STEPS.value} steps ({_BATCH.value / ms * 1e3:.1f} examples/s)")
     if _EVAL_SIZE.value and ndim == 3:
       apply_fn = state_lib.make_apply_fn(model)
@@ -78,7 +70,7 @@ def main(argv):
                                                    overlap=float(config.eval.overlap),
                                                    batch=int(config.eval.sw_batch))
       jax.block_until_ready(run())
-      ms = 1e3 * _median_time(run, 3)
+      ms = 1e3 * timing.median_time(run, 3)
       print(f"sliding window: median {ms:.1f} ms per {_EVAL_SIZE.value}^3 volume "
             f"(window {shape}, overlap {config.eval.overlap}, {len(evaluate.window_starts(volume.shape[:3], shape, float(config.eval.overlap)))} windows)")
 

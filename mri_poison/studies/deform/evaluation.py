@@ -182,39 +182,39 @@ def evaluate(table: common.CellTable, cells: dict, apply_fn, params, data: dict,
 def summary_rows(table: common.CellTable, cells_by_victim: dict, case_ids: dict) -> list[dict]:
   """One row per (victim, threat, budget): means over cases, the folding / budget checks."""
   rows = []
-  for victim, cells in cells_by_victim.items():
-    ids = case_ids[victim.split("/")[0]]
-    for (threat, budget), cell in cells.items():
-      ms = table.metrics(cell)
-      v = {m: table.values(cell, m, ids) for m in ms}
-      row = {"victim": victim, "threat": threat, "budget": budget, "n": len(ids),
-             "dice_clean": float(np.mean(v["dice_clean"])), "dice": float(np.mean(v["dice"])),
-             "dice_std": float(np.std(v["dice"])), "drop": float(np.mean(v["dice_clean"] - v["dice"]))}
-      if "drop_error" in v:
-        # deform_max has no target (it goes as far as the budget allows): no drop error, nothing to reach.
-        err = v["drop_error"] if threat != "deform_max" else np.full(len(ids), np.nan)
-        row.update(drop_error_mean=float(np.nanmean(err)) if np.isfinite(err).any() else float("nan"),
-                   drop_error_abs=float(np.nanmean(np.abs(err))) if np.isfinite(err).any() else float("nan"),
-                   reached=float(np.mean(v["reached"])) if threat in ("deform", "generator") else float("nan"),
-                   max_disp=float(np.max(v["max_disp"])), max_disp_mean=float(np.mean(v["max_disp"])),
-                   folded_max=float(np.max(v["folded"])), folded_cases=int(np.sum(v["folded"] > 0)),
-                   bias_min=float(np.min(v["bias_min"])), bias_max=float(np.max(v["bias_max"])),
-                   steps_used=float(np.mean(v["steps_used"])))
-      rows.append(row)
+  for victim, threat, budget, ids, v in _cell_values(table, cells_by_victim, case_ids):
+    row = {"victim": victim, "threat": threat, "budget": budget, "n": len(ids),
+           "dice_clean": float(np.mean(v["dice_clean"])), "dice": float(np.mean(v["dice"])),
+           "dice_std": float(np.std(v["dice"])), "drop": float(np.mean(v["dice_clean"] - v["dice"]))}
+    if "drop_error" in v:
+      # deform_max has no target (it goes as far as the budget allows): no drop error, nothing to reach.
+      err = v["drop_error"] if threat != "deform_max" else np.full(len(ids), np.nan)
+      row.update(drop_error_mean=float(np.nanmean(err)) if np.isfinite(err).any() else float("nan"),
+                 drop_error_abs=float(np.nanmean(np.abs(err))) if np.isfinite(err).any() else float("nan"),
+                 reached=float(np.mean(v["reached"])) if threat in ("deform", "generator") else float("nan"),
+                 max_disp=float(np.max(v["max_disp"])), max_disp_mean=float(np.mean(v["max_disp"])),
+                 folded_max=float(np.max(v["folded"])), folded_cases=int(np.sum(v["folded"] > 0)),
+                 bias_min=float(np.min(v["bias_min"])), bias_max=float(np.max(v["bias_max"])),
+                 steps_used=float(np.mean(v["steps_used"])))
+    rows.append(row)
   return rows
 
 
 def per_case_rows(table: common.CellTable, cells_by_victim: dict, case_ids: dict) -> list[dict]:
   rows = []
+  for victim, threat, budget, ids, v in _cell_values(table, cells_by_victim, case_ids):
+    for i, c in enumerate(ids):
+      rows.append({"victim": victim, "threat": threat, "budget": budget, "case": c,
+                   **{m: float(x[i]) for m, x in v.items()}})
+  return rows
+
+
+def _cell_values(table: common.CellTable, cells_by_victim: dict, case_ids: dict):
+  """(victim, threat, budget, case ids, {metric: per-case values}) for every cell of every victim."""
   for victim, cells in cells_by_victim.items():
     ids = case_ids[victim.split("/")[0]]
     for (threat, budget), cell in cells.items():
-      ms = table.metrics(cell)
-      v = {m: table.values(cell, m, ids) for m in ms}
-      for i, c in enumerate(ids):
-        rows.append({"victim": victim, "threat": threat, "budget": budget, "case": c,
-                     **{m: float(v[m][i]) for m in ms}})
-  return rows
+      yield victim, threat, budget, ids, {m: table.values(cell, m, ids) for m in table.metrics(cell)}
 
 
 def comparison(name: str, a, b, *, primary: bool, seed: int = 0, **labels) -> dict:
