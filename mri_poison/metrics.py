@@ -123,6 +123,36 @@ def brats_scores(pred_label, ref_label, spacing=None) -> dict[str, dict[str, flo
   return {name: region_metrics(pred_r[..., i], ref_r[..., i], spacing) for i, name in enumerate(REGIONS)}
 
 
+def targeted_success(pred_label, target, ref_label, mask=None) -> dict[str, float]:
+  """How far a targeted attack got: prediction vs the target map it aimed for and the labels it started from.
+
+  pred_label: the model's labels on the attacked input; target: the attack's target map; ref_label: the
+  reference (ground truth) labels the target was made from; mask (broadcastable, optional) restricts every
+  count to its voxels (e.g. the brain). All int label maps of one shape; numpy in, floats out:
+    reached      fraction of the must-change voxels (target != ref_label) predicted as their target; nan when
+                 no voxel must change.
+    dice_target  mean over the tumour classes c = 1, 2, 3 of Dice(pred == c, target == c), with the BraTS
+                 convention (both empty -> 1, one empty -> 0). For an all-background target (erase tumour) it
+                 is the share of tumour classes wiped out completely; `tumour_left` is the graded measure.
+    tumour_left  voxels predicted tumour (label > 0) / tumour voxels in ref_label; nan when ref_label has none
+                 (1 = as much tumour as the reference, 0 = none left).
+    n_must_change  number of must-change voxels (float).
+  """
+  pred, target, ref = (np.asarray(a) for a in (pred_label, target, ref_label))
+  if not pred.shape == target.shape == ref.shape:
+    raise ValueError(f"targeted_success: prediction {pred.shape}, target {target.shape} and reference "
+                     f"{ref.shape} shapes differ")
+  keep = np.ones(pred.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), pred.shape)
+  must_change = (target != ref) & keep
+  n_must = int(np.count_nonzero(must_change))
+  reached = float(np.count_nonzero((pred == target) & must_change) / n_must) if n_must else float("nan")
+  dice_target = float(np.mean([dice((pred == c) & keep, (target == c) & keep) for c in (1, 2, 3)]))
+  n_ref_tumour = int(np.count_nonzero((ref > 0) & keep))
+  tumour_left = (float(np.count_nonzero((pred > 0) & keep) / n_ref_tumour) if n_ref_tumour else float("nan"))
+  return {"reached": reached, "dice_target": dice_target, "tumour_left": tumour_left,
+          "n_must_change": float(n_must)}
+
+
 # --- jit-able sums for in-loop evaluation -------------------------------------------------------------------
 
 def region_counts(pred_label, ref_label, mask=None):

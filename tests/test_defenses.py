@@ -171,3 +171,28 @@ def test_adversarial_transform_with_as_many_attacked_examples_as_channels():
   delta = np.abs(np.asarray(out["image"] - image))
   np.testing.assert_allclose(delta[:4].max(axis=(1, 2, 3)), 0.1, rtol=1e-5)
   assert delta[4:].max() == 0
+
+
+def test_pgd_starts_uniformly_in_the_eps_ball_and_mix_ratio_is_the_share():
+  apply_fn, params = _apply_and_params()
+  batch = _batch(b=4)
+  # step_frac = 0: the PGD steps do not move, so what comes out is the random start itself.
+  cfg = dict(attack="pgd", eps=0.3, steps=2, step_frac=0.0, mix_ratio=0.5)
+  transform = jax.jit(adversarial.adversarial_batch_transform(apply_fn, cfg))
+  delta = np.asarray(transform(params, batch, jax.random.key(1))["image"] - batch["image"])
+  brain = delta[:2, 2:]
+  assert np.all(np.abs(brain) <= 0.3 + 1e-6) and np.all(delta[:, :2] == 0) and np.all(delta[2:] == 0)
+  # U(-eps, eps): mean |delta| = eps / 2, sd eps / sqrt(12); about 5 % of the voxels beyond 0.95 eps on each side.
+  assert abs(np.mean(np.abs(brain)) - 0.15) < 0.01 and abs(np.mean(brain)) < 0.01
+  assert abs(np.mean(np.abs(brain) > 0.95 * 0.3) - 0.05) < 0.02
+  other = np.asarray(transform(params, batch, jax.random.key(2))["image"] - batch["image"])
+  assert np.mean(other[:2, 2:] != brain) > 0.99  # a fresh start for every step's key
+  # mix_ratio is the documented name; the old `ratio` gives the same transform and wins when both are given.
+  old = jax.jit(adversarial.adversarial_batch_transform(apply_fn, dict(cfg, ratio=0.5, mix_ratio=0.0)))
+  np.testing.assert_array_equal(old(params, batch, jax.random.key(1))["image"],
+                                transform(params, batch, jax.random.key(1))["image"])
+  assert adversarial.mix_ratio(dict(ratio=0.75, mix_ratio=0.5)) == 0.75 and adversarial.mix_ratio({}) == 0.5
+  with pytest.raises(ValueError, match="mix_ratio"):
+    adversarial.adversarial_batch_transform(apply_fn, dict(mix_ratio=1.5))
+  rec = adversarial.recommended_config(0.2)
+  assert rec.attack == "pgd" and rec.eps == 0.2 and rec.steps * rec.step_frac >= 2.0 and rec.mix_ratio == 0.5

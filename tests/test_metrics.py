@@ -214,3 +214,36 @@ def test_paired_comparison_ci_covers_the_shift_and_counts_ties():
   res = metrics.paired_comparison(a, b)
   assert res["ci_low"] < res["mean_diff"] < res["ci_high"] and res["ci_low"] > 0
   assert res["n"] == 30 and res["n_effective"] == 26 and res["p_value"] < 1e-4
+
+
+def test_bootstrap_ci_covers_the_true_mean_at_about_the_nominal_rate():
+  # 400 samples of n = 20 from N(1, 2^2): the 95 % percentile interval should cover 1 about 95 % of the time.
+  # Percentile intervals run narrow at small n (their half-width uses the plug-in sd, a z instead of a t
+  # quantile: about 92-93 % at n = 20), hence the loose lower bound; 0.88 is ~3 binomial sd below that.
+  rng = np.random.default_rng(0)
+  hits = [(ci := metrics.bootstrap_ci(rng.normal(1.0, 2.0, 20), n_boot=500, seed=s))["low"] <= 1.0 <= ci["high"]
+          for s in range(400)]
+  assert 0.88 <= np.mean(hits) <= 0.98, np.mean(hits)
+
+
+def test_targeted_success_hand_counts():
+  ref = np.array([[0, 1, 2, 3, 3, 0]])
+  target = np.array([[0, 1, 2, 2, 2, 0]])  # enhancing tumour -> oedema: voxels 3 and 4 must change
+  pred = np.array([[0, 1, 2, 2, 3, 2]])  # one of the two reached; one background voxel turned oedema
+  out = metrics.targeted_success(pred, target, ref)
+  assert out["reached"] == 0.5 and out["n_must_change"] == 2.0
+  # Dice per class: c=1: 1; c=2: pred {2, 3, 5}, target {2, 3, 4} -> 2*2 / 6; c=3: pred {4}, target {} -> 0.
+  assert out["dice_target"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+  assert out["tumour_left"] == pytest.approx(5 / 4)  # 5 voxels predicted tumour, 4 in the reference
+  # The mask restricts every count: without voxel 5 the collateral oedema voxel disappears.
+  masked = metrics.targeted_success(pred, target, ref, mask=np.array([[1, 1, 1, 1, 1, 0]]))
+  assert masked["dice_target"] == pytest.approx((1 + 4 / 5 + 0) / 3) and masked["tumour_left"] == 1.0
+  # Erase tumour: the graded measure is the tumour left.
+  erase = metrics.targeted_success(np.array([[0, 0, 0, 3, 0, 0]]), np.zeros((1, 6), int), ref)
+  assert erase["reached"] == 0.75 and erase["tumour_left"] == 0.25
+  assert erase["dice_target"] == pytest.approx(2 / 3)  # classes 1 and 2 gone (1), class 3 not (0)
+  nothing = metrics.targeted_success(ref, ref, ref)
+  assert np.isnan(nothing["reached"]) and nothing["dice_target"] == 1.0 and nothing["tumour_left"] == 1.0
+  assert np.isnan(metrics.targeted_success(ref * 0, ref * 0, ref * 0)["tumour_left"])
+  with pytest.raises(ValueError, match="shapes differ"):
+    metrics.targeted_success(pred, target[:, :3], ref)

@@ -1,5 +1,7 @@
-"""UNet: shapes (2D/3D), dtype handling, temperature, deep supervision, up-sampling equivalence, layout."""
+"""UNet: shapes (2D/3D), dtype handling (float32 first layer), temperature, deep supervision, up-sampling
+equivalence, layout."""
 import functools
+import itertools
 
 import chex
 import jax
@@ -171,3 +173,51 @@ def test_norm_variants_dropout_and_gradients():
   leaves = jax.tree.leaves(grads)
   assert all(np.all(np.isfinite(g)) for g in leaves)
   assert sum(float(jnp.sum(jnp.abs(g))) for g in leaves) > 0
+
+
+def test_float32_first_layer_keeps_small_perturbations_under_bfloat16():
+  """Under bfloat16 compute an input change of 1e-3 reaches the model (first conv in float32); the old
+  all-bfloat16 path (input_dtype="bfloat16") rounds it away on z-scored values of 1..3 (bf16 spacing there is
+  2^-7..2^-6, so v + 1e-3 rounds back to v)."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.uniform(1.0, 3.0, (1, 16, 16, 4)), jnp.bfloat16).astype(jnp.float32)  # bf16-exact values
+  x_eps = x.at[0, 7, 9, 2].add(1e-3)
+  assert float(x_eps[0, 7, 9, 2] - x[0, 7, 9, 2]) == pytest.approx(1e-3, rel=1e-3)
+  new = UNet(features=(8, 16), dtype=jnp.bfloat16)  # input_dtype defaults to float32
+  old = UNet(features=(8, 16), dtype=jnp.bfloat16, input_dtype="bfloat16")
+  variables = _init(new, x)
+  assert jax.tree.structure(variables) == jax.tree.structure(_init(old, x))  # same params: checkpoints load
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+
+  def run(model, inputs):
+    logits, state = jax.jit(functools.partial(model.apply, capture_intermediates=True))(variables, inputs)
+    first = state["intermediates"]["down_0"]["conv_0"]["Conv_0"]["__call__"][0]
+    return logits, first
+
+  (y_new, conv_new), (y_new_eps, conv_new_eps) = run(new, x), run(new, x_eps)
+  (y_old, conv_old), (y_old_eps, conv_old_eps) = run(old, x), run(old, x_eps)
+  assert conv_new.dtype == jnp.float32 and conv_old.dtype == jnp.bfloat16 and y_new.dtype == jnp.float32
+  # The first conv is linear: its change is the kernel times the 1e-3 step, at the 3x3 neighbourhood.
+  kernel = variables["params"]["down_0"]["conv_0"]["Conv_0"]["kernel"]  # (3, 3, C_in, C_out)
+  change = np.asarray(conv_new_eps - conv_new)[0]
+  want = np.zeros_like(change)
+  for i, j in itertools.product(range(3), range(3)):
+    want[7 + 1 - i, 9 + 1 - j] = 1e-3 * np.asarray(kernel[i, j, 2])
+  np.testing.assert_allclose(change, want, atol=2e-6)
+  assert float(jnp.max(jnp.abs(y_new_eps - y_new))) > 0  # ... and it reaches the logits
+  np.testing.assert_array_equal(conv_old_eps, conv_old)  # the old path never saw it
+  np.testing.assert_array_equal(y_old_eps, y_old)
+  # bfloat16 after the first layer: the two paths agree to bfloat16 accuracy.
+  assert float(jnp.linalg.norm(y_new - y_old) / jnp.linalg.norm(y_old)) < 0.05
+
+
+def test_make_model_reads_input_dtype():
+  import ml_collections
+  from mri_poison.train import state as state_lib
+  cfg = ml_collections.ConfigDict(dict(features=(4, 8), dtype="bfloat16"))
+  assert state_lib.make_model(cfg).input_dtype == jnp.float32  # older configs: float32 first layer
+  cfg.input_dtype = "bfloat16"
+  assert state_lib.make_model(cfg).input_dtype == jnp.bfloat16
+  cfg.input_dtype = "float8"
+  with pytest.raises(ValueError, match="model.input_dtype"):
+    state_lib.make_model(cfg)

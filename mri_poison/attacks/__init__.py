@@ -1,9 +1,11 @@
 """Gradient attacks on dense segmentation: the general loop `optimize`, its sign-step instance (FGSM, i-FGSM,
-PGD), dense losses, eps sweeps, sanity checks."""
-from mri_poison.attacks import losses, sanity
+PGD), dense losses, eps sweeps, sanity checks, and differentiable sliding-window inference (attacks through the
+deployed model)."""
+from mri_poison.attacks import losses, sanity, sliding_window
 from mri_poison.attacks.optimize import optimize, sign_step  # the function `optimize` shadows its module here
 from mri_poison.attacks.gradient import fgsm, ifgsm, kurakin_schedule, pgd
 from mri_poison.attacks.loop import ball_projection, project, run_steps
 from mri_poison.attacks.sanity import (gradient_sanity, loss_increase, random_sign_baseline, random_sign_noise,
                                        robust_fraction, sequential_robustness)
 from mri_poison.attacks.eps_sweep import sweep
+from mri_poison.attacks.sliding_window import sliding_window_logits, windowed_apply

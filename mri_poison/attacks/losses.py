@@ -10,10 +10,17 @@ distance to a target map and are decreased (call the attack with `targeted=True`
 The reducers are thin per-example wrappers over the primitives of `mri_poison.losses` (the one loss
 implementation); mask semantics, empty masks, smoothing, background and dtype are documented there once.
 The attacks' Dice includes the background class (`soft_dice(..., include_background=True)`).
+
+Margin losses (`margin`, `targeted_margin`; Carlini & Wagner 2017) work on the logits, not the softmax: a
+saturated softmax (float32 max prob exactly 1, as a distilled model's at T = 1) turns the cross-entropy
+gradient into 0 (eagerly) or rounding noise (compiled, where fused ops round differently; its sign means
+nothing), but not the margin's; and the margin's sign (the decision it measures) does not change when the
+logits are divided by a temperature. `scaled_apply` attacks a model at its training temperature instead.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -102,6 +109,36 @@ def _region_dice(logits, labels, mask, step, steps):
   return seg_losses.region_dice(logits, labels, mask)
 
 
+def voxel_margin(logits, labels) -> Array:
+  """max_{k != y} z_k - z_y per voxel: (B, *S, K), (B, *S) -> (B, *S) float32; > 0 where y is not predicted."""
+  logits = jnp.asarray(logits, jnp.float32)
+  labels = jnp.asarray(labels, jnp.int32)
+  z_y = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+  return jnp.max(others, axis=-1) - z_y
+
+
+@dataclasses.dataclass(frozen=True)
+class _Margin:
+  """Reducer of `margin`: masked mean of min(voxel_margin, kappa). Hashable by value (compiles once per kappa)."""
+  kappa: float
+
+  def __call__(self, logits, labels, mask, step, steps):
+    del step, steps
+    return seg_losses.masked_mean(jnp.minimum(voxel_margin(logits, labels), self.kappa), mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TargetedMargin:
+  """Reducer of `targeted_margin`: masked mean of max(voxel_margin(target), -kappa); the must-change voxels
+  are already folded into `mask`."""
+  kappa: float
+
+  def __call__(self, logits, target, mask, step, steps):
+    del step, steps
+    return seg_losses.masked_mean(jnp.maximum(voxel_margin(logits, target), -self.kappa), mask)
+
+
 def _as_labels(labels):
   return jnp.asarray(labels, jnp.int32)
 
@@ -147,6 +184,39 @@ def region_dice(apply_fn, params, labels, mask=None) -> DenseLoss:
   return DenseLoss(params, _as_labels(labels), _as_mask(mask), _region_dice, apply_fn)
 
 
+def margin(apply_fn, params, labels, mask=None, kappa=float("inf")) -> DenseLoss:
+  """CW-style logit margin to the true labels (increase it): masked mean of min(max_{k!=y} z_k - z_y, kappa).
+
+  A voxel is misclassified exactly where its margin is > 0. The default kappa = inf never clips; a finite
+  kappa stops rewarding a voxel once it is wrong by kappa logits, so the budget goes to the voxels still right.
+  """
+  kappa = float(kappa)
+  if math.isnan(kappa):
+    raise ValueError("margin: kappa must be a number (inf = no clipping), got nan")
+  return DenseLoss(params, _as_labels(labels), _as_mask(mask), _Margin(kappa), apply_fn)
+
+
+def targeted_margin(apply_fn, params, target, labels, mask=None, kappa=0.0) -> DenseLoss:
+  """Margin of the target class over the voxels that must change only (decrease it: targeted=True).
+
+  Per voxel m = max_{k!=t} z_k - z_t (< 0 where the target t is predicted), clipped below at -kappa, averaged
+  over the must-change voxels (target != labels, weighted by `mask`) of each example; 0 when there are none.
+  Voxels the target leaves unchanged do not count, so a small tumour is not drowned by the brain around it.
+  kappa >= 0 is the confidence asked beyond the decision boundary: with the default 0 a voxel that already
+  shows the target contributes 0 and no gradient, and the attack spends its budget on the others.
+  """
+  kappa = float(kappa)
+  if not kappa >= 0:
+    raise ValueError(f"targeted_margin: kappa must be >= 0, got {kappa}")
+  target, labels = _as_labels(target), _as_labels(labels)
+  if target.shape != labels.shape:
+    raise ValueError(f"targeted_margin: target {target.shape} and labels {labels.shape} shapes differ")
+  must_change = (target != labels).astype(jnp.float32)
+  if mask is not None:
+    must_change = must_change * jnp.broadcast_to(jnp.asarray(mask, jnp.float32), must_change.shape)
+  return DenseLoss(params, target, must_change, _TargetedMargin(kappa), apply_fn)
+
+
 def targeted_cross_entropy(apply_fn, params, target, mask=None) -> DenseLoss:
   """Mean CE to a target map (decrease it: attack with targeted=True)."""
   return DenseLoss(params, _as_labels(target), _as_mask(mask), _ce, apply_fn)
@@ -160,6 +230,32 @@ def targeted_dice(apply_fn, params, target, mask=None) -> DenseLoss:
 def targeted_cospgd(apply_fn, params, target, mask=None) -> DenseLoss:
   """Targeted CosPGD: CE to the target x stop_gradient(1 - cos(softmax, onehot(target))) (decrease it)."""
   return DenseLoss(params, _as_labels(target), _as_mask(mask), _cospgd_targeted, apply_fn)
+
+
+# ------------------------------------------------------------------------------------------- model wrappers
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledApply:
+  """`apply_fn(params, x) / temperature`; equal (hence one compile) for an equal apply_fn and temperature."""
+  apply_fn: Callable
+  temperature: float
+
+  def __call__(self, params, x):
+    return jnp.asarray(self.apply_fn(params, x), jnp.float32) / self.temperature
+
+
+def scaled_apply(apply_fn, temperature) -> ScaledApply:
+  """apply_fn' = apply_fn(params, x) / T: attack a distilled model at its training temperature.
+
+  A model distilled at T and deployed at T = 1 has logits about T times larger than its softmax was trained
+  on; at T = 1 its softmax saturates and cross-entropy gradients vanish (gradient masking). Dividing by T
+  restores the gradients without changing the prediction (argmax is scale-invariant).
+  """
+  temperature = float(temperature)
+  if not temperature > 0:
+    raise ValueError(f"scaled_apply: temperature must be > 0, got {temperature}")
+  return ScaledApply(apply_fn, temperature)
 
 
 # ------------------------------------------------------------------------------------------- targets

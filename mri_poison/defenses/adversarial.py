@@ -1,10 +1,20 @@
 """Adversarial training by data augmentation: a `batch_transform` for `train.loop.train_model`.
 
-Each training batch has a fraction `ratio` of its examples replaced by FGSM / i-FGSM / PGD examples made
+Each training batch has a fraction `mix_ratio` of its examples replaced by FGSM / i-FGSM / PGD examples made
 on the fly with the current params and the true labels (Goodfellow et al. 2015; Kurakin et al. 2017; Madry
 et al. 2018). The attack runs inside the jitted train step (the one attack loop of `mri_poison.attacks`) and
 no gradient flows through it. Only brain voxels (any channel nonzero; background is exactly 0 by the data
 contract) are perturbed, in z-score units. From scratch, or fine-tuning via `train_model(init_params=...)`.
+
+Recommended setting: PGD (`attack="pgd"`, a uniform random start in the eps-ball, then `steps` sign steps of
+`step_frac * eps`) at the budget the model will be evaluated at (the study's reference eps), on a long enough
+schedule to converge (`recommended_config`). A model trained with single-step FGSM at a small fixed eps and
+then judged against iterative attacks at larger eps cannot show robustness (Madry et al. 2018; FGSM training
+also invites catastrophic overfitting to the one-step attack). `default_config` keeps FGSM at 0.1 only so that
+older runs reproduce.
+
+`ratio` is the old name of `mix_ratio` and is still read: when a config has a `ratio` entry it wins (it is
+never in `default_config`, so only a caller can have put it there).
 """
 from __future__ import annotations
 
@@ -22,16 +32,39 @@ ATTACKS = ("fgsm", "ifgsm", "pgd")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Defaults chosen here (the paper gives none): FGSM at eps 0.1 on half of every batch."""
+  """Defaults chosen here (the paper gives none): FGSM at eps 0.1 on half of every batch (see the module
+  docstring: PGD at the reference budget, `recommended_config`, is the setting to use)."""
   return ml_collections.ConfigDict(dict(
       attack="fgsm",  # "fgsm" | "ifgsm" | "pgd"
-      ratio=0.5,  # fraction of each batch replaced by adversarial examples
+      mix_ratio=0.5,  # fraction of each batch replaced by adversarial examples (old name: ratio)
       eps=0.1,  # L-inf budget, z-score units
       random_eps=False,  # draw each example's eps from U(0, eps) (Kurakin et al.) instead of a fixed eps
       steps=3,  # ifgsm / pgd iterations
       step_frac=0.5,  # ifgsm / pgd step size = step_frac * eps
       brain_only=True,  # perturb (and measure the attack loss on) brain voxels only
   ))
+
+
+def recommended_config(eps: float, steps: int = 5, step_frac: float = 0.5,
+                       mix_ratio: float = 0.5) -> ml_collections.ConfigDict:
+  """PGD with a random start at budget `eps` (the reference eps of the evaluation) on `mix_ratio` of a batch.
+
+  step_frac * steps = 2.5 by default (the step size 2.5 eps / steps of the Madry lab's `robustness` library):
+  the steps can cross the ball from the random start and back, so the examples get near the ball's worst case.
+  """
+  c = default_config()
+  c.update(dict(attack="pgd", eps=float(eps), steps=int(steps), step_frac=float(step_frac),
+                mix_ratio=float(mix_ratio)))
+  return c
+
+
+def mix_ratio(cfg) -> float:
+  """The share of adversarial examples of an adversarial-training config: `ratio` (old name) if present,
+  else `mix_ratio` (default_config's 0.5 if neither)."""
+  items = dict(cfg.items()) if cfg is not None else {}
+  if "ratio" in items:
+    return float(items["ratio"])
+  return float(items.get("mix_ratio", default_config().mix_ratio))
 
 
 def brain_mask(image) -> jax.Array:
@@ -55,21 +88,24 @@ def adversarial_examples(apply_fn, params, image, label, key, *, attack: str = "
 
 
 def adversarial_batch_transform(apply_fn: Callable, cfg: Any = None) -> Callable[[Any, dict, jax.Array], dict]:
-  """`batch_transform(params, batch, key) -> batch` replacing a `cfg.ratio` share of batch["image"].
+  """`batch_transform(params, batch, key) -> batch` replacing a `cfg.mix_ratio` share of batch["image"].
 
   apply_fn(params, x) -> logits (e.g. `train.state.make_apply_fn(model)`); cfg: a ConfigDict or dict with the
-  fields of `default_config()`, missing ones taking their defaults. With B examples, the first
-  floor(ratio * B) are always adversarial and the next one with probability frac(ratio * B), so the expected
-  share is exactly `ratio` for any batch size (the attack only runs on the examples that may be replaced).
+  fields of `default_config()`, missing ones taking their defaults (`ratio` is read as `mix_ratio`). With B
+  examples, the first floor(mix_ratio * B) are always adversarial and the next one with probability
+  frac(mix_ratio * B), so the expected share is exactly `mix_ratio` for any batch size (the attack only runs on
+  the examples that may be replaced). PGD starts from a uniform random point of the eps-ball, drawn from the
+  step's key.
   """
   c = default_config()
   c.update(dict(cfg.items()) if cfg is not None else {})
-  attack, ratio, eps = str(c.attack), float(c.ratio), float(c.eps)
+  attack, ratio, eps = str(c.attack), mix_ratio(c), float(c.eps)
+  ratio_key = "ratio" if "ratio" in c else "mix_ratio"
   steps, step_frac, random_eps, brain_only = int(c.steps), float(c.step_frac), bool(c.random_eps), bool(c.brain_only)
   if attack not in ATTACKS:
     raise ValueError(f"adversarial.attack={attack!r}: expected one of {ATTACKS}")
   if not 0.0 <= ratio <= 1.0:
-    raise ValueError(f"adversarial.ratio={ratio}: expected a fraction in [0, 1]")
+    raise ValueError(f"adversarial.{ratio_key}={ratio}: expected a fraction in [0, 1]")
   if eps < 0:
     raise ValueError(f"adversarial.eps={eps}: expected >= 0")
 

@@ -108,17 +108,23 @@ def _conv_dims(n: int):
 
 
 class ConvBlock(nn.Module):
-  """conv 3^n (bias) -> norm -> dropout -> activation, MONAI `Convolution`'s default "NDA" order."""
+  """conv 3^n (bias) -> norm -> dropout -> activation, MONAI `Convolution`'s default "NDA" order.
+
+  conv_dtype: the conv's own compute dtype (None -> dtype); its output is cast to dtype after.
+  """
   features: int
   norm: str = "instance"
   activation: str = "leaky_relu"
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  conv_dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     n = x.ndim - 2
-    x = nn.Conv(self.features, (3,) * n, padding="SAME", dtype=self.dtype, param_dtype=jnp.float32)(x)
+    conv_dtype = self.dtype if self.conv_dtype is None else self.conv_dtype
+    x = nn.Conv(self.features, (3,) * n, padding="SAME", dtype=conv_dtype, param_dtype=jnp.float32)(x)
+    x = x.astype(self.dtype)
     x = _norm(self.norm, self.dtype, train)(x)
     if self.dropout > 0:
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -169,11 +175,12 @@ class TwoConv(nn.Module):
   activation: str = "leaky_relu"
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  first_conv_dtype: Any = None  # compute dtype of conv_0's convolution (None -> dtype)
 
   @nn.compact
   def __call__(self, x, train: bool):
     kw = dict(norm=self.norm, activation=self.activation, dropout=self.dropout, dtype=self.dtype)
-    x = ConvBlock(self.features, **kw, name="conv_0")(x, train)
+    x = ConvBlock(self.features, **kw, conv_dtype=self.first_conv_dtype, name="conv_0")(x, train)
     return ConvBlock(self.features, **kw, name="conv_1")(x, train)
 
 
@@ -184,6 +191,11 @@ class UNet(nn.Module):
     Spatial dims must be divisible by 2^(levels - 1).
   final_features: width of the decoder's top level; None -> BasicUNet convention / features[0].
   dtype: compute dtype (e.g. bfloat16); params stay float32 and logits are returned in float32.
+  input_dtype: dtype of the input and of the first convolution, whose output is then cast to `dtype`. The
+    default float32 keeps small input perturbations: bfloat16 has 8 significant bits, so on z-scored values
+    of 1..3 a change below ~0.004..0.008 would be rounded away before the model sees it (an attack's or
+    adversarial training's eps 0.01 partly, 1e-3 entirely). For float32 models it changes nothing; "bfloat16"
+    gives the old all-bfloat16 path. A name ("float32") or a dtype.
   deep_supervision: if True, return a tuple (final, aux_1, ..., aux_{L-2}) where aux_k are 1x1 heads on the
     decoder at 1/2^k resolution (at their own scale, finest first), as in nnU-Net; see
     `mri_poison.losses.deep_supervision_loss`.
@@ -196,6 +208,7 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   deep_supervision: bool = False
   final_features: int | None = None
+  input_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, temperature=1.0):
@@ -208,13 +221,15 @@ class UNet(nn.Module):
       raise ValueError(f"UNet with {len(encoder)} levels needs spatial dims divisible by {factor}, "
                        f"got input shape {x.shape}")
     kw = dict(norm=self.norm, activation=self.activation, dropout=self.dropout, dtype=self.dtype)
-    x = x.astype(self.dtype)
+    input_dtype = jnp.dtype(self.input_dtype)
+    x = x.astype(input_dtype)
 
     skips = []
     for level, width in enumerate(encoder):
       if level > 0:
         x = nn.max_pool(x, (2,) * n, strides=(2,) * n)
-      x = TwoConv(width, **kw, name=f"down_{level}")(x, train)
+      first = dict(first_conv_dtype=input_dtype) if level == 0 else {}
+      x = TwoConv(width, **kw, **first, name=f"down_{level}")(x, train)
       skips.append(x)
 
     aux = []

@@ -21,22 +21,25 @@ ApplyFn = Callable[..., jax.Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def compute_dtype(name) -> Any:
+def compute_dtype(name, key: str = "model.dtype") -> Any:
+  """The jnp dtype named `name` (a dtype passes through); `key` names the config field in errors."""
   if not isinstance(name, str):
     return name
   if name not in DTYPES:
-    raise ValueError(f"config model.dtype={name!r}: expected one of {sorted(DTYPES)}")
+    raise ValueError(f"config {key}={name!r}: expected one of {sorted(DTYPES)}")
   return DTYPES[name]
 
 
 def make_model(model_cfg) -> nn.Module:
-  """`mri_poison.models.unet.UNet` from `config.model` (dtype given by name, e.g. "bfloat16")."""
+  """`mri_poison.models.unet.UNet` from `config.model` (dtype / input_dtype given by name, e.g. "bfloat16")."""
   from mri_poison.models.unet import UNet
   kwargs = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
   if "features" in kwargs:
     kwargs["features"] = tuple(int(f) for f in kwargs["features"])
   if "dtype" in kwargs:
     kwargs["dtype"] = compute_dtype(kwargs["dtype"])
+  if "input_dtype" in kwargs:  # absent in older configs: the UNet's default (float32 first layer)
+    kwargs["input_dtype"] = compute_dtype(kwargs["input_dtype"], "model.input_dtype")
   try:
     return UNet(**kwargs)
   except TypeError as e:
