@@ -22,3 +22,12 @@ def test_batch_size_must_divide_device_count():
   assert mesh_lib.check_batch_size(4, mesh) == 4 // jax.process_count()
   with pytest.raises(ValueError, match="data.batch_size=0"):
     mesh_lib.check_batch_size(0, mesh)
+
+
+def test_mesh_groups_devices_by_process_and_names_this_process_rows():
+  mesh = mesh_lib.make_mesh()
+  processes = [d.process_index for d in mesh.devices.reshape(-1)]
+  assert processes == sorted(processes)
+  n = mesh.size
+  assert mesh_lib.process_rows(4 * n, mesh) == (4 * n * jax.process_index() // jax.process_count(),
+                                                4 * n * (jax.process_index() + 1) // jax.process_count())

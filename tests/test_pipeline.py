@@ -343,3 +343,38 @@ def test_zip_datasets_of_finite_map_datasets():
     list(pipeline.zip_datasets({"x": numbers, "y": grain.MapDataset.range(3)}))
   with pytest.raises(ValueError, match="at least one"):
     pipeline.zip_datasets({})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Process layout: the global batch does not depend on the process count.
+
+
+@pytest.mark.parametrize("mode, patch", [("3d", (8, 8, 8)), ("2d", (16, 16))])
+def test_global_batch_is_the_same_for_every_process_count(mode, patch):
+  cases = _cases(n=5)  # 5 records, batch 4: global batches straddle epochs
+  cfg = _cfg(mode=mode, patch_shape=patch, batch_size=4)
+  whole = _take(pipeline.train_iterator(cases, cfg, seed=2, process_index=0, process_count=1), 5)
+  # One process is the stream every caller had before the process layout (shard 0 of 1), bit for bit.
+  assert _same(whole, _take(pipeline.train_iterator(cases, cfg, seed=2, shard_index=0, shard_count=1), 5))
+  for count in (2, 4):
+    its = [pipeline.train_iterator(cases, cfg, seed=2, process_index=p, process_count=count) for p in range(count)]
+    for step, batch in enumerate(whole):
+      rows = [next(it) for it in its]
+      for key in batch:  # process p holds rows [p*4/count, (p+1)*4/count)
+        np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), batch[key], err_msg=f"{key} {step}")
+    # The state counts global batches: the same on every process, and it resumes on another process count.
+    states = [json.loads(json.dumps(it.get_state())) for it in its]
+    assert all(s == states[0] for s in states)
+    fresh = pipeline.train_iterator(cases, cfg, seed=2, process_index=0, process_count=1)
+    fresh.set_state(states[0])
+    expected = next(its[0])
+    np.testing.assert_array_equal(next(fresh)["image"][:4 // count], expected["image"])
+
+
+def test_process_layout_errors_name_the_argument():
+  with pytest.raises(DataError, match="process_index 2 not in"):
+    pipeline.train_iterator(_cases(), _cfg(batch_size=4), seed=0, process_index=2, process_count=2)
+  with pytest.raises(DataError, match="multiple of the process count 4"):
+    pipeline.train_iterator(_cases(), _cfg(batch_size=2), seed=0, process_index=0, process_count=4)
+  with pytest.raises(DataError, match="either shard_index/shard_count"):
+    pipeline.train_iterator(_cases(), _cfg(batch_size=4), seed=0, shard_count=2, process_count=2)

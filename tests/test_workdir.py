@@ -208,3 +208,55 @@ def test_flatten_metrics_and_table(tmp_path):
   assert table["note"].tolist() == [None, None, "x"]
   with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
     wd.read_metrics(tmp_path / "missing")
+
+
+def _tensorboard_scalars(directory):
+  """{tag: [(step, value), ...]} from the event files in `directory`, read with tensorboardX's protobufs.
+
+  The files are TFRecords: u64 length, u32 masked CRC of it, the Event proto, u32 masked CRC of it. A
+  SessionLog START at step s (tensorboardX's purge_step) drops what earlier files logged at steps >= s, as
+  TensorBoard does.
+  """
+  import struct
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        scalars = {k: [(s, v) for s, v in pts if s < event.step] for k, pts in scalars.items()}
+        scalars = {k: pts for k, pts in scalars.items() if pts}
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_metrics_go_to_tensorboard_events_flushed_with_the_jsonl(tmp_path, monkeypatch):
+  writer = wd.MetricsWriter(str(tmp_path), resume_step=0)
+  writer.write(1, {"loss": np.float32(0.5), "lr": 1e-3, "note": "text is JSONL only"})
+  writer.write(2, {"loss": np.array([0.25, 0.75]), "eval/dice": 0.8})
+  # Readable before close: each write is flushed with its JSONL line.
+  tb = _tensorboard_scalars(tmp_path / "tensorboard")
+  assert tb == {"loss": [(1, 0.5)], "lr": [(1, pytest.approx(1e-3))], "loss/0": [(2, 0.25)],
+                "loss/1": [(2, 0.75)], "eval/dice": [(2, pytest.approx(0.8))]}
+  writer.close()
+  # A resume from the checkpoint at step 1 rewrites step 2: JSONL and TensorBoard both hold it once.
+  writer = wd.MetricsWriter(str(tmp_path), resume_step=1)
+  writer.write(2, {"loss": np.array([0.5, 0.5])})
+  writer.close()
+  tb = _tensorboard_scalars(tmp_path / "tensorboard")
+  assert tb["loss/0"] == [(2, 0.5)] and tb["loss"] == [(1, 0.5)] and "eval/dice" not in tb
+  assert [r["step"] for r in wd.read_metrics(tmp_path)] == [1, 2]
+  # Any process but 0 writes nothing at all.
+  monkeypatch.setattr(wd, "is_writer", lambda: False)
+  other = tmp_path / "other"
+  other.mkdir()
+  writer = wd.MetricsWriter(str(other), resume_step=0)
+  writer.write(1, {"loss": 1.0})
+  writer.close()
+  assert os.listdir(other) == []

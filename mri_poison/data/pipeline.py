@@ -5,8 +5,19 @@ Works over any random-access source whose elements are `Case`s or mappings with 
 from the per-element `np.random.Generator` that grain derives from the seed and the element's position, so the
 stream is a pure function of (source, config, seed, shard) and the iterator state is a few integers.
 
-`data_cfg.batch_size` is the GLOBAL batch (big_vision convention): each process yields
-`batch_size // shard_count` examples per step, drawn from its own disjoint subset of the source records.
+`data_cfg.batch_size` is the GLOBAL batch B (big_vision convention), and the global batch at every step is
+the same whatever the number of processes P: one stream is drawn over ALL records, cut into global batches of B,
+and process p keeps rows [p*B/P, (p+1)*B/P) of each (it reads and augments only those records; every example's
+random draws depend on its position in the global stream, not on P). So a run does not depend on how many
+processes ran it, the processes' examples at each step are different records of the same global batch, and the
+iterator state (the number of global batches consumed) is the same on every process and for every P: a
+checkpoint can resume on another process count. The rows match the mesh: `train.mesh.make_mesh` orders devices
+by process, so `jax.make_array_from_process_local_data` puts process p's rows at [p*B/P, (p+1)*B/P).
+
+`shard_index` / `shard_count` instead split the RECORDS: shard s draws its own stream of `B // shard_count`
+examples per step from records s, s + shard_count, ... (disjoint cases per shard, but the global batch then
+changes with the shard count). The process layout above is the default; the record split is for callers that
+ask for it.
 
 Besides "image" and "label", every example says where it came from, so that per-record tensors (study 4's
 per-case error-minimising noise, a per-case gradient sum) can be gathered for a batch and written back:
@@ -36,19 +47,26 @@ from mri_poison.data.case import Case, DataError
 
 
 def train_iterator(source, data_cfg, *, seed: int, shard_index: int | None = None,
-                   shard_count: int | None = None) -> grain.DatasetIterator:
-  """Infinite iterator of batches; has get_state/set_state.
+                   shard_count: int | None = None, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.DatasetIterator:
+  """Infinite iterator of this process's rows of each global batch; has get_state/set_state (JSON-able).
 
-  A batch: {"image": (B, *patch, C) f32, "label": (B, *patch) i32, "index": (B,) i32, "origin": (B, R) i32,
+  process_index / process_count: default jax.process_index() / jax.process_count() (see the module docstring);
+  shard_index / shard_count: the record split instead (then the process arguments must be left out).
+
+  A batch of B = this process's rows: {"image": (B, *patch, C) f32, "label": (B, *patch) i32, "index": (B,) i32, "origin": (B, R) i32,
   "flipped": (B, P) bool} (see the module docstring for index / origin / flipped).
   """
-  return iter(train_dataset(source, data_cfg, seed=seed, shard_index=shard_index, shard_count=shard_count))
+  return iter(train_dataset(source, data_cfg, seed=seed, shard_index=shard_index, shard_count=shard_count,
+                            process_index=process_index, process_count=process_count))
 
 
 def train_dataset(source, data_cfg, *, seed: int, shard_index: int | None = None,
-                  shard_count: int | None = None) -> grain.IterDataset:
+                  shard_count: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
   """The `grain.IterDataset` behind `train_iterator` (for callers that want to add stages or zip streams)."""
-  shard_index, shard_count = _resolve_shard(shard_index, shard_count)
+  (shard_index, shard_count), (process_index, process_count) = _resolve_layout(
+      shard_index, shard_count, process_index, process_count)
   mode = str(data_cfg.mode)
   patch_shape = tuple(int(p) for p in data_cfg.patch_shape)
   want_rank = {"3d": 3, "2d": 2}.get(mode)
@@ -58,9 +76,9 @@ def train_dataset(source, data_cfg, *, seed: int, shard_index: int | None = None
     raise DataError(f"data_cfg.patch_shape: expected {want_rank} positive sizes for mode {mode!r}, "
                     f"got {tuple(data_cfg.patch_shape)}")
   batch_size = int(data_cfg.batch_size)
-  if batch_size < 1 or batch_size % shard_count:
+  if batch_size < 1 or batch_size % (shard_count * process_count):
     raise DataError(f"data_cfg.batch_size: the global batch {batch_size} must be a positive multiple of "
-                    f"the process count {shard_count}")
+                    f"the process count {shard_count * process_count}")
   fg_fraction = float(data_cfg.fg_fraction)
   tumour_fraction = float(data_cfg.get("tumour_fraction", fg_fraction))
   for key, value in (("fg_fraction", fg_fraction), ("tumour_fraction", tumour_fraction)):
@@ -72,12 +90,12 @@ def train_dataset(source, data_cfg, *, seed: int, shard_index: int | None = None
   ds = grain.MapDataset.source(source)
   if len(ds) < shard_count:
     raise DataError(f"pipeline source has {len(ds)} records, fewer than the {shard_count} processes that "
-                    "must each get a disjoint share (raise data_cfg.n_cases or use fewer processes)")
+                    "must each get a disjoint share (raise data_cfg.n_cases or use fewer shards)")
   # Tag each record with its position in the source before sharding, so examples can name it. The tag stays
   # upstream of `.seed`: grain derives the shuffle and random_map seeds from their distance to the seed node,
   # and any stage between them would change the image/label stream for a given seed.
   ds = ds.map_with_index(functools.partial(_tag_with_index, len(ds)))
-  # Shard the records (not the stream) so processes see disjoint cases, as with grain's ShardByJaxProcess.
+  # The record split (shard_count > 1 only when asked): each shard draws its own stream from its own records.
   ds = ds[shard_index::shard_count]
   ds = ds.seed(int(seed)).shuffle().repeat(None)  # new permutation every epoch, infinite
   ds = ds.map(_indexed_example)
@@ -99,7 +117,12 @@ def train_dataset(source, data_cfg, *, seed: int, shard_index: int | None = None
             "origin": np.asarray((*origin, *slice_index), np.int32), "flipped": flipped}
 
   ds = ds.random_map(sample)
-  ds = ds.batch(batch_size // shard_count, drop_remainder=True)
+  batch_size //= shard_count
+  if process_count > 1:
+    # Downstream of random_map, so every example keeps the random draws of its global position.
+    ds = _RowsOfBatches(ds, batch_size, process_index, process_count)
+    batch_size //= process_count
+  ds = ds.batch(batch_size, drop_remainder=True)
   read = grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 4)),
                            prefetch_buffer_size=int(data_cfg.get("prefetch", 4)))
   return ds.to_iter_dataset(read)
@@ -303,12 +326,58 @@ def _name_elements(names, elements) -> dict[str, Any]:
   return dict(zip(names, elements))
 
 
-def _resolve_shard(shard_index, shard_count):
-  if shard_index is None or shard_count is None:
+class _RowsOfBatches(grain.MapDataset):
+  """Process `index`'s rows of each global batch of `batch_size` consecutive elements of `parent`.
+
+  Element j is parent element (j // b) * batch_size + index * b + j % b, with b = batch_size // count: batched
+  by b, local batch k holds rows [index * b, (index + 1) * b) of global batch k. Lazy: only these elements are
+  ever read.
+  """
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int, index: int, count: int):
+    super().__init__(parent)
+    self._batch_size, self._rows = int(batch_size), int(batch_size) // int(count)
+    self._offset = int(index) * self._rows
+
+  def __len__(self) -> int:
+    return (len(self._parent) // self._batch_size) * self._rows
+
+  def _parent_index(self, index: int) -> int:
+    step, row = divmod(int(index), self._rows)
+    return step * self._batch_size + self._offset + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def _getitems(self, indices):
+    return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
+
+  def __str__(self) -> str:
+    return f"RowsOfBatches(rows [{self._offset}, {self._offset + self._rows}) of {self._batch_size})"
+
+
+def _resolve_layout(shard_index, shard_count, process_index, process_count):
+  """((shard_index, shard_count), (process_index, process_count)), checked; see the module docstring."""
+  records = shard_index is not None or shard_count is not None
+  rows = process_index is not None or process_count is not None
+  if records and rows:
+    raise DataError("pipeline: pass either shard_index/shard_count (split the records) or "
+                    "process_index/process_count (split each global batch), not both")
+  if records:
+    shard_index = 0 if shard_index is None else shard_index
+    shard_count = 1 if shard_count is None else shard_count
+    return _check_index("shard", shard_index, shard_count), (0, 1)
+  if process_index is None or process_count is None:
     import jax  # only when the caller did not say; keeps the pipeline importable without touching devices
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-  shard_index, shard_count = int(shard_index), int(shard_count)
-  if not 0 <= shard_index < shard_count:
-    raise DataError(f"pipeline: shard_index {shard_index} not in [0, shard_count={shard_count})")
-  return shard_index, shard_count
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return (0, 1), _check_index("process", process_index, process_count)
+
+
+def _check_index(what, index, count):
+  index, count = int(index), int(count)
+  if not 0 <= index < count:
+    raise DataError(f"pipeline: {what}_index {index} not in [0, {what}_count={count})")
+  return index, count

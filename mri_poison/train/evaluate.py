@@ -138,19 +138,38 @@ def predict_case(apply_fn: ApplyFn, params, case, config) -> jax.Array:
 def evaluate_cases(apply_fn: ApplyFn, params, cases, config) -> list[dict]:
   """One flat row per case: {"case_id", "WT_dice", "WT_hd95", ..., "ET_specificity"} from `brats_scores`.
 
-  config.eval.max_cases > 0 evaluates only the first that many cases.
+  config.eval.max_cases > 0 evaluates only the first that many cases. With several processes, process p scores
+  cases p, p + P, ... and every process returns all rows (one all-gather of the score table).
   """
   from mri_poison.metrics import brats_scores
+  from mri_poison.train.trainer import process_sum
   max_cases = int(config.eval.get("max_cases", 0) or 0)
-  rows = []
-  for case in list(cases)[:max_cases or None]:
+  cases = list(cases)[:max_cases or None]
+  for case in cases:
     if case.label is None:
       raise ValueError(f"evaluate_cases: case {case.case_id} has no label")
+  count, index = jax.process_count(), jax.process_index()
+  scores = {}
+  for i, case in enumerate(cases):
+    if i % count != index:
+      continue
     pred = np.asarray(jax.device_get(jnp.argmax(predict_case(apply_fn, params, case, config), axis=-1)), np.int32)
-    scores = brats_scores(pred, case.label, case.spacing)
-    rows.append({"case_id": case.case_id,
-                 **{f"{region}_{name}": value for region, d in scores.items() for name, value in d.items()}})
-  return rows
+    scores[i] = {f"{region}_{name}": value for region, d in brats_scores(pred, case.label, case.spacing).items()
+                 for name, value in d.items()}
+  if count > 1 and cases:
+    columns = sorted(next(iter(scores.values())) if scores else _score_columns())
+    table = np.zeros((len(cases), len(columns)))
+    for i, row in scores.items():
+      table[i] = [row[c] for c in columns]
+    table = process_sum(table)
+    scores = {i: dict(zip(columns, map(float, table[i]))) for i in range(len(cases))}
+  return [{"case_id": case.case_id, **scores[i]} for i, case in enumerate(cases)]
+
+
+def _score_columns() -> list[str]:
+  from mri_poison.metrics import brats_scores
+  one = np.zeros((2, 2, 2), np.int32)
+  return [f"{r}_{n}" for r, d in brats_scores(one, one).items() for n in d]
 
 
 def summarize(rows: list[dict]) -> dict:

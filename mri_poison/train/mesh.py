@@ -11,16 +11,32 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh with axis "data" over `devices` (default: all devices of all processes).
+  """A 1-D mesh with axis "data" over `devices` (default: all devices of all processes), grouped by process.
 
+  The devices are stably sorted by process index, so process p's devices hold the p-th contiguous block of
+  every batch sharded on "data": rows [p*B/P, (p+1)*B/P), the rows the data pipeline gives process p (see
+  mri_poison.data.pipeline). Within a process the order jax.make_mesh chose is kept.
   Axis types are Auto: with Explicit axes a vmapped, jitted attack on a batch-sharded input failed with
   ShardingTypeError (jax 0.10.2), see architecture.md.
   """
   axis_types = (jax.sharding.AxisType.Auto,)
   if devices is None:
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=axis_types)
-  devices = np.asarray(devices).reshape(-1)
-  return jax.sharding.Mesh(devices, (DATA_AXIS,), axis_types=axis_types)
+    devices = jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=axis_types).devices
+  devices = sorted(np.asarray(devices).reshape(-1), key=lambda d: d.process_index)
+  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=axis_types)
+
+
+def process_rows(batch_size: int, mesh: jax.sharding.Mesh) -> tuple[int, int]:
+  """[start, stop) of the rows of a global batch of `batch_size` that this process's devices hold on `mesh`.
+
+  Raises a ValueError when they are not one contiguous block (a mesh not grouped by process).
+  """
+  indices = data_sharding(mesh).addressable_devices_indices_map((int(batch_size),)).values()
+  rows = sorted({r for index in indices for r in range(*index[0].indices(int(batch_size)))})
+  if not rows or rows != list(range(rows[0], rows[-1] + 1)):
+    raise ValueError(f"process {jax.process_index()} holds rows {rows} of a batch of {batch_size} on this mesh: "
+                     "not one block; build the mesh with train.mesh.make_mesh (devices grouped by process)")
+  return rows[0], rows[-1] + 1
 
 
 def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

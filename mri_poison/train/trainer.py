@@ -9,6 +9,13 @@ A study supplies three things and gets checkpoints, resume, metrics, progress an
     donated. Metrics are scalars, or (M,) arrays for stacked models (`parts.stacked_step`), logged per index.
   data: a grain-style iterator of process-local numpy batches (with get_state/set_state, checkpointed with the
     state), a zero-argument callable returning one (built only if there is training left to do), or None.
+    Process p yields rows [p*B/P, (p+1)*B/P) of each global batch of B (mri_poison.data.pipeline does), and its
+    state is the same on every process, so the run and its checkpoints do not depend on the process count.
+
+Multi-process (after jax.distributed.initialize()): every process calls fit with the same arguments; only
+process 0 writes config.json, manifest.json, metrics.jsonl and TensorBoard events; checkpoints go through
+orbax's multi-host path. eval_fn runs on every process and its dict is logged by process 0: a process that
+evaluates only its share of the cases reduces its sums and counts with `process_sum` before dividing.
 
 Every step is guarded: if any float metric or any float leaf of the new state is not finite, the state is
 kept as it was (`guard_finite`) and fit raises FloatingPointError naming the step (and the model index of a
@@ -71,6 +78,29 @@ def _compiled_step(step_fn: StepFn, mesh) -> Callable:
   return jax.jit(guard_finite(step_fn), donate_argnums=0, out_shardings=(rep, rep))
 
 
+def process_sum(tree):
+  """Every leaf summed over all processes (numpy, on every process): per-process sums and counts in, global ones
+  out, e.g. {"tp": (3,), "fp": (3,), "fn": (3,), "voxels": ()} of this process's cases. A collective: every
+  process must call it, with the same tree structure, shapes and dtypes."""
+  tree = jax.tree.map(np.asarray, tree)
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  gathered = multihost_utils.process_allgather(tree)  # a leading process axis on every leaf
+  return jax.tree.map(lambda x: np.asarray(x).sum(axis=0), gathered)
+
+
+def check_process_blocks(mesh) -> None:
+  """Raises ValueError unless process p's devices hold the p-th contiguous block of the mesh's "data" axis,
+  which is where the pipeline's rows [p*B/P, (p+1)*B/P) of each global batch must land."""
+  n, p, count = mesh.size, jax.process_index(), jax.process_count()
+  if n % count:
+    raise ValueError(f"mesh of {n} devices over {count} processes: every process needs the same device count")
+  if mesh_lib.process_rows(n, mesh) != (p * n // count, (p + 1) * n // count):
+    raise ValueError(f"process {p}'s devices are not block {p} of the mesh's data axis, so its rows of each "
+                     "global batch would land elsewhere: build the mesh with train.mesh.make_mesh")
+
+
 def _open_data(data):
   if data is None:
     return None
@@ -103,6 +133,8 @@ def fit(config, workdir: str, *, init_state: State, step_fn: StepFn, data=None, 
   workdir_lib.check_writable(workdir)
   workdir_lib.check_writable(ckpt_dir)
   mesh = mesh or mesh_lib.make_mesh()
+  if jax.process_count() > 1:
+    check_process_blocks(mesh)
 
   with workdir_lib.lock(workdir), jax.set_mesh(mesh):
     manager = ckpt.make_manager(ckpt_dir, ckpt_every=ckpt_every, keep=int(train_cfg.get("keep_checkpoints", 2)))

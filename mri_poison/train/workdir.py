@@ -505,24 +505,24 @@ def _repair_metrics(path: str, resume_step: int | None) -> None:
 
 
 class MetricsWriter:
-  """metrics.jsonl lines {"step", ...}; TensorBoard events too when tensorboardX is importable (no TF needed).
+  """metrics.jsonl lines {"step", ...} and the same scalars as TensorBoard events in <workdir>/tensorboard/.
 
+  Only process 0 writes (the others' calls do nothing). Events go through tensorboardX (no TensorFlow); each
+  write is flushed together with its JSONL line, so `tensorboard --logdir runs/` shows what metrics.jsonl
+  holds. Without tensorboardX only the JSONL is written (a warning says so once).
   On opening (process 0) the file is repaired so it reads as one clean run: a line cut by a crash is dropped
   (or given its newline if it is complete) and, with `resume_step` (the step of the restored checkpoint, 0 for
-  a fresh start), rows past that step are dropped, since the resumed run writes them again.
+  a fresh start), rows past that step are dropped, since the resumed run writes them again (TensorBoard hides
+  its own stale events past the resumed step: purge_step).
   """
 
   def __init__(self, workdir: str, *, resume_step: int | None = None):
     self.path = os.path.join(workdir, METRICS_NAME)
+    self.tb_dir = os.path.join(workdir, TENSORBOARD_NAME)
     self._tb = None
     if is_writer():
       _repair_metrics(self.path, None if resume_step is None else int(resume_step))
-      try:
-        from tensorboardX import SummaryWriter  # optional; skipped silently when absent
-        purge = None if resume_step is None else int(resume_step) + 1  # TB hides its own stale events
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
-      except Exception:  # pylint: disable=broad-except
-        self._tb = None
+      self._tb = _tensorboard_writer(self.tb_dir, None if resume_step is None else int(resume_step) + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not is_writer():
@@ -530,13 +530,62 @@ class MetricsWriter:
     row = {"step": int(step), **flatten_metrics(metrics)}
     io_utils.append_jsonl(self.path, row)
     if self._tb is not None:
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)):
-          self._tb.add_scalar(k, v, int(step))
+      self._tb.add_scalars(step, {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+      self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+
+
+TENSORBOARD_NAME = "tensorboard"
+_WARNED_NO_TENSORBOARD = []
+
+
+class _TensorBoardEvents:
+  """A synchronous TensorBoard event file (tensorboardX's record writer and protos; no TensorFlow).
+
+  SummaryWriter queues events for a background thread and its flush() does not wait for the queue; writing
+  here, in the caller's thread, makes `flush` mean the events are in the file.
+  """
+
+  def __init__(self, directory: str, purge_step: int | None):
+    from tensorboardX.event_file_writer import EventsWriter
+    os.makedirs(directory, exist_ok=True)
+    # A unique suffix: the file name's timestamp has whole seconds, and a resumed run may reopen within one.
+    self._writer = EventsWriter(os.path.join(directory, "events"), f".{os.getpid()}.{time.time_ns()}")
+    if purge_step is not None:  # TensorBoard then hides older files' events at steps >= purge_step
+      from tensorboardX.proto import event_pb2
+      self._write(event_pb2.Event(step=int(purge_step),
+                                  session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def _write(self, event) -> None:
+    event.wall_time = time.time()
+    self._writer.write_event(event)
+
+  def add_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    from tensorboardX.proto import event_pb2, summary_pb2
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+    if values:
+      self._write(event_pb2.Event(step=int(step), summary=summary_pb2.Summary(value=values)))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def _tensorboard_writer(directory: str, purge_step: int | None) -> _TensorBoardEvents | None:
+  try:
+    import tensorboardX  # noqa: F401  a dependency; tolerated missing (metrics.jsonl is the record)
+  except ImportError:
+    if not _WARNED_NO_TENSORBOARD:
+      _WARNED_NO_TENSORBOARD.append(True)
+      logging.warning("tensorboardX is not installed: metrics go to metrics.jsonl only (pip install tensorboardX)")
+    return None
+  return _TensorBoardEvents(directory, purge_step)
 
 
 def _metrics_path(path_or_workdir) -> str:
