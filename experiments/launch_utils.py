@@ -25,7 +25,8 @@ from absl import logging
 from ml_collections import config_flags
 
 _MULTIPROCESS = flags.DEFINE_bool(
-    "multiprocess", False, "Call jax.distributed.initialize() first (SLURM, TPU pods, launch/local_multiprocess.sh).")
+    "multiprocess", False, "Call jax.distributed.initialize() first (SLURM, TPU pods, launch/local_multiprocess.sh; "
+    "or env MRI_POISON_MULTIPROCESS=1).")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config with each field's comment; exit.")
 _CHATTY = ("/orbax/", "/grain/", "/tensorflow_datasets/")
 _CONFIG_FLAG = "config"
@@ -39,11 +40,76 @@ class _QuietLibraries(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or not any(p in record.pathname for p in _CHATTY)
 
 
-def init_processes() -> None:
+MULTIPROCESS_ENV = "MRI_POISON_MULTIPROCESS"  # "1": as --multiprocess
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _slurm_first_host(nodelist: str) -> str:
+  """The first host name of a SLURM node list ("gpu[003-005,9],cpu1" -> "gpu003")."""
+  first = re.match(r"[^,\[]*(\[[^\]]*\])?", nodelist.strip()).group(0)
+  if "[" not in first:
+    return first
+  prefix, ranges = first.split("[", 1)
+  return prefix + re.split(r"[-,]", ranges.rstrip("]"))[0]
+
+
+def distributed_args(environ=None) -> dict:
+  """Keyword arguments for jax.distributed.initialize() here: only what jax 0.10.2 does not detect by itself.
+
+  - JAX_NUM_PROCESSES and JAX_PROCESS_ID (set by launch/local_multiprocess.sh; jax reads neither) with
+    JAX_COORDINATOR_ADDRESS (host:port, which jax does read): passed explicitly; a loopback coordinator also
+    binds to loopback only (jax's default binds every interface), unless JAX_COORDINATOR_BIND_ADDRESS says
+    otherwise.
+  - SLURM under srun (SLURM_STEP_NODELIST, SLURM_LOCALID, ... present): {} - jax's SlurmCluster reads them and
+    gives each task the GPU of its SLURM_LOCALID (one process per GPU). Tasks started without srun lack the
+    step variables; then coordinator (first host of SLURM_JOB_NODELIST, port JAX_COORDINATOR_PORT or a port
+    derived from the job id, as jax does), num_processes (SLURM_NTASKS) and process_id (SLURM_PROCID) are filled.
+  - Cloud TPU VMs (pods included), Open MPI, Kubernetes: {} - jax detects them.
+  """
+  env = os.environ if environ is None else environ
+  if "JAX_NUM_PROCESSES" in env or "JAX_PROCESS_ID" in env:
+    missing = [k for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
+    if missing:
+      raise ValueError(f"multi-process environment: {missing} not set (JAX_COORDINATOR_ADDRESS=host:port, "
+                       "JAX_NUM_PROCESSES and JAX_PROCESS_ID go together; see launch/README.md)")
+    address = env["JAX_COORDINATOR_ADDRESS"]
+    args = {"coordinator_address": address, "num_processes": int(env["JAX_NUM_PROCESSES"]),
+            "process_id": int(env["JAX_PROCESS_ID"])}
+    host = address.rsplit(":", 1)[0]
+    if host in _LOCAL_HOSTS and not env.get("JAX_COORDINATOR_BIND_ADDRESS"):
+      args["coordinator_bind_address"] = address
+    return args
+  slurm_step = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+  if all(k in env for k in slurm_step):
+    return {}
+  nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+  if nodelist and all(k in env for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")):
+    port = env.get("JAX_COORDINATOR_PORT") or str(int(env["SLURM_JOB_ID"]) % 2**12 + (65535 - 2**12 + 1))
+    return {"coordinator_address": f"{_slurm_first_host(nodelist)}:{port}",
+            "num_processes": int(env["SLURM_NTASKS"]), "process_id": int(env["SLURM_PROCID"])}
+  return {}
+
+
+def multiprocess_requested(environ=None) -> bool:
+  """--multiprocess (when flags are parsed) or MRI_POISON_MULTIPROCESS=1."""
+  env = os.environ if environ is None else environ
+  flag = _MULTIPROCESS.value if flags.FLAGS.is_parsed() else False
+  return bool(flag) or env.get(MULTIPROCESS_ENV, "0").strip().lower() in ("1", "true", "yes")
+
+
+def init_processes(multiprocess: bool | None = None) -> None:
+  """Quiets chatty library logs; with `multiprocess` (default: --multiprocess or MRI_POISON_MULTIPROCESS=1)
+  starts JAX's multi-controller runtime: jax.distributed.initialize(**distributed_args()). Call it before any
+  other JAX call; a second call does nothing."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if _MULTIPROCESS.value:
-    import jax
-    jax.distributed.initialize()
+  if not (multiprocess_requested() if multiprocess is None else multiprocess):
+    return
+  import jax
+  if jax.distributed.is_initialized():
+    return
+  args = distributed_args()
+  logging.info("jax.distributed.initialize(%s)", ", ".join(f"{k}={v!r}" for k, v in args.items()))
+  jax.distributed.initialize(**args)
 
 
 def run_study(study_run, config, workdir, argv, summary=None):
@@ -124,16 +190,23 @@ def field_comments(path: str) -> dict[str, str]:
 
 
 def config_comments(path: str) -> dict[str, str]:
-  """Field comments of a config file and of the library modules it builds on (e.g. default_data_config)."""
+  """Field comments of a config file and of the library modules it builds on (e.g. default_data_config).
+
+  A config made of other config files (the main job's reproduce.py: `STUDY_CONFIGS = {stage: module}`) also
+  gets each stage's comments, keyed "stage:field" so that two studies' fields of one name keep their own.
+  """
   import inspect
-  comments = {}
   module = _config_module(path)
   sources = [path] + sorted({inspect.getsourcefile(v) for v in vars(module).values()
                              if (inspect.ismodule(v) or inspect.isfunction(v))
                              and getattr(v, "__module__", getattr(v, "__name__", "")).startswith("mri_poison")})
+  comments = {}
   for source in sources:
     for k, v in field_comments(source).items():
       comments.setdefault(k, v)
+  for stage, sub in getattr(module, "STUDY_CONFIGS", {}).items():
+    for k, v in config_comments(inspect.getsourcefile(sub)).items():
+      comments[f"{stage}:{k}"] = v
   return comments
 
 
@@ -145,7 +218,7 @@ def format_config(config, comments: dict[str, str], prefix: str = "") -> list[st
     if hasattr(value, "keys") and hasattr(value, "to_dict"):
       lines += format_config(value, comments, name + ".")
     else:
-      note = comments.get(key, "")
+      note = comments.get(f"{name.split('.')[0]}:{key}", comments.get(key, ""))
       lines.append(f"{name} = {value!r}" + (f"  # {note}" if note else ""))
   return lines
 

@@ -32,3 +32,13 @@ def test_a_misspelt_field_is_one_line_naming_the_fix(tmp_path):
   err = [l for l in out.stderr.splitlines() if l.strip()]
   assert len(err) == 1 and 'Did you mean "steps" instead of "stepz"?' in err[0] and "\\n" not in err[0], err
   assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_main_job_print_config_keeps_each_studys_comments():
+  out = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--print_config"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.splitlines()
+  assert any(l.startswith("stages = ('robustify', 'poison', 'deform', 'unlearnable')") for l in lines)
+  assert any(l.startswith("robustify.attack.eps = ") and "z-score" in l for l in lines)
+  assert any(l.startswith("poison.sweep.ks = ") and "synthetic shares" in l for l in lines)

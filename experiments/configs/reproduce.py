@@ -1,0 +1,100 @@
+r"""The main job: all four studies at one scale, one workdir, one report.md.
+
+Run (from the repository root; re-running the same command reuses finished stages, models and results):
+  python -m experiments.reproduce --workdir runs/reproduce
+  python -m experiments.reproduce --config experiments/configs/reproduce.py:test --workdir /tmp/reproduce_test
+  python -m experiments.reproduce --config experiments/configs/reproduce.py:brats --workdir runs/reproduce_brats \
+      --config.data_root=/data/BraTS2021
+Any study setting can be overridden under its stage name, e.g. --config.poison.sweep.seeds=0,1
+--config.robustify.attack.steps=10; --config.stages=poison,deform runs a subset; --config.force=True redoes all.
+Outputs: workdir/report.md (start there), workdir/<stage>/ (each study's own workdir and report).
+
+Variants:
+  phantom  (default) CPU, about 15 min on 2 cores: each study's `runlocal` variant on the embedded phantom, with
+           n >= 20 held-out cases where that is cheap.
+  test     CPU, well under a minute: every study at toy size (checks that the pipeline runs; numbers mean nothing).
+  brats    GPU: every study's `brats` variant on the BraTS folder at --config.data_root (full size, hours).
+Each stage's settings are its study's (experiments/configs/<study>.py); defaults chosen here are marked there.
+"""
+import ml_collections
+
+from experiments.configs import deform as deform_config
+from experiments.configs import poison as poison_config
+from experiments.configs import robustify as robustify_config
+from experiments.configs import unlearnable as unlearnable_config
+
+VARIANTS = ("phantom", "test", "brats")
+# Stage name -> the study's config module (experiments/configs/<...>.py) and its launcher.
+STUDY_CONFIGS = {"robustify": robustify_config, "poison": poison_config, "deform": deform_config,
+                 "unlearnable": unlearnable_config}
+STUDY_VARIANT = {"phantom": "runlocal", "test": "runlocal", "brats": "brats"}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "phantom"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown config variant {arg!r}: expected one of {VARIANTS}")
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.seed = 0  # the main job's own; each study keeps the seed of its config (listed in the report)
+  config.stages = ("robustify", "poison", "deform", "unlearnable")  # run order
+  config.force = False  # True: delete each stage's folder and compute everything again
+  config.data_root = ""  # BraTS folder for the brats variant (copied into every stage's data.root)
+  for name, module in STUDY_CONFIGS.items():
+    config[name] = module.get_config(STUDY_VARIANT[variant])
+  if variant == "phantom":
+    _main_job_sizes(config)
+  if variant == "test":
+    _toy_sizes(config)
+  if variant == "brats":
+    root = config.get_ref("data_root")
+    for name in STUDY_CONFIGS:
+      config[name].data.root = root  # --config.data_root=... reaches every study
+  return config
+
+
+def _main_job_sizes(config) -> None:
+  """Each study's `runlocal` settings, with n >= 20 held-out cases where scoring them is cheap [ours]."""
+  config.poison.data.update(dict(n_cases=32, n_val=20))  # the same 12 training cases as runlocal
+  config.deform.data.update(dict(n_cases=32, n_val=20))
+
+
+def _toy_sizes(config) -> None:
+  """Every study as small as it still runs end to end (the pipeline test; its numbers mean nothing)."""
+  r = config.robustify
+  r.data.update(dict(n_cases=6, n_val=2, phantom_shape=(16, 16, 16), shape=(16, 16, 16), patch_shape=(16, 16, 16)))
+  r.model.features = (4, 8)
+  r.train.update(dict(steps=6, warmup_steps=1, log_every=3, ckpt_every=6))
+  r.attack.update(dict(attacks=("fgsm", "ifgsm"), eps=(0.2,), steps=2))
+  r.eval.update(dict(reference_eps=0.2, example_eps=0.2, example_attack="fgsm", n_volumes=1))
+
+  p = config.poison
+  p.data.update(dict(n_cases=8, n_val=4, phantom_shape=(24, 24, 24), shape=(16, 16, 16), patch_shape=(16, 16)))
+  p.gan.train.update(dict(steps=4, log_every=2, ckpt_every=4))
+  p.model.features = (4, 8)
+  p.train.update(dict(steps=6, warmup_steps=1, log_every=3, ckpt_every=6))
+  p.sweep.update(dict(ks=(0, 5), modes=("replace",), seeds=(0,)))
+  p.detect.update(dict(steps=4, n_boot=50))
+  p.eval.update(dict(n_boot=100, n_figure_cases=1))
+
+  d = config.deform
+  d.data.update(dict(n_cases=8, n_val=4, phantom_shape=(24, 24, 24)))
+  d.train.update(dict(warmup_steps=1, log_every=3, ckpt_every=6))
+  d.arm2d.data.update(dict(shape=(16, 16, 16), patch_shape=(16, 16)))
+  d.arm2d.model.features = (4, 8)
+  d.arm2d.train.steps = 6
+  d.arm2d.generator_steps = 4
+  d.generator.features = (4, 8)
+  d.deform.steps = 4
+  d.attack.update(dict(deltas=(0.1,), eps=(0.3,), gradient_steps=2))
+
+  u = config.unlearnable
+  u.data.update(dict(n_cases=6, n_val=2, phantom_shape=(24, 24, 24), shape=(16, 16, 16), patch_shape=(16, 16)))
+  for m in (u.model, u.surrogate):
+    m.features = (4, 8)
+  u.train.update(dict(steps=6, warmup_steps=1, log_every=3, ckpt_every=6))
+  u.protect.minmin.update(dict(steps=3, inner_steps=2))
+  u.protect.umed.update(dict(steps=4))
+  u.protect.fractions = (1.0,)
+  u.counter.regimes = ("standard", "purify")
+  u.eval.write_cases = 1

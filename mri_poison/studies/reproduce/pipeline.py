@@ -1,0 +1,131 @@
+"""The stages of the main job: run, reuse or record the failure of each study, then the report."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import shutil
+import time
+import traceback
+from typing import Callable
+
+from absl import logging
+
+from mri_poison import io_utils
+from mri_poison.studies import common
+
+# Run order; the report lists the studies by their number instead (STUDY_TITLES in report.py).
+STAGES = ("robustify", "poison", "deform", "unlearnable")
+# Everything may change between runs of one main-job workdir: each study checks its own sub-config against its
+# own config.json, and a stage whose sub-config changed is run again.
+RESUMABLE_KEYS = ("variant", "seed", "force", "stages", "report.") + tuple(f"{s}." for s in STAGES)
+
+
+class StageFailed(RuntimeError):
+  """Raised by `run` after the report is written when some stage failed (the report says which and why)."""
+
+
+def stage_runner(name: str) -> Callable:
+  """The study's `run(config, workdir)` (imported lazily: a stage's imports fail inside that stage only)."""
+  if name not in STAGES:
+    raise ValueError(f"unknown stage {name!r}: expected one of {STAGES}")
+  return importlib.import_module(f"mri_poison.studies.{name}").run
+
+
+def stage_names(config) -> tuple[str, ...]:
+  """config.stages; "a,b" elements split, so that --config.stages=poison,deform works on the command line."""
+  stages = (config.stages,) if isinstance(config.stages, str) else tuple(config.stages)
+  return tuple(s.strip() for item in stages for s in str(item).split(",") if s.strip())
+
+
+def _check_config(config) -> None:
+  stages = stage_names(config)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or not stages or len(set(stages)) != len(stages):
+    raise ValueError(f"config stages={stages}: expected a non-empty subset of {STAGES}, each once")
+  missing = [s for s in stages if s not in config]
+  if missing:
+    raise ValueError(f"config has no sub-config for stage(s) {missing} (config.<stage> = that study's config)")
+
+
+def _record_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "stages", f"{name}.json")
+
+
+def _read_record(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def _reusable(record: dict | None, digest: str, stage_dir: str) -> bool:
+  return (record is not None and record.get("status") == "finished" and record.get("config_digest") == digest
+          and os.path.exists(os.path.join(stage_dir, "report.md")))
+
+
+def _error_text(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).strip() or repr(e)}"
+
+
+def _run_stage(name: str, sub_config, workdir: str, *, force: bool, index: int, total: int,
+               runner: Callable | None = None) -> dict:
+  stage_dir = os.path.join(workdir, name)
+  digest = common.digest(sub_config.to_dict())
+  path = _record_path(workdir, name)
+  record = _read_record(path)
+  tag = f"[{index}/{total}] {name}"
+  if not force and _reusable(record, digest, stage_dir):
+    logging.info("%s: reused (finished %s, config unchanged)", tag, record["ended"])
+    print(f"{tag}: reused (finished earlier in {record['seconds']:.0f} s)", flush=True)
+    return dict(record, reused=True)
+  if force and os.path.isdir(stage_dir):
+    shutil.rmtree(stage_dir)
+  print(f"{tag}: start", flush=True)
+  started, t0 = _now(), time.time()
+  record = {"stage": name, "config_digest": digest, "started": started, "workdir": name}
+  io_utils.write_json(path, dict(record, status="running"))
+  try:
+    headline = (runner or stage_runner(name))(sub_config, stage_dir)
+    record.update(status="finished", headline=headline)
+  except KeyboardInterrupt:
+    io_utils.write_json(path, dict(record, status="interrupted", ended=_now(), seconds=time.time() - t0))
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (one failed study must not stop the others)
+    logging.exception("%s failed", tag)
+    record.update(status="failed", error=_error_text(e),
+                  traceback="".join(traceback.format_exception(e)[-6:]))
+  record.update(ended=_now(), seconds=time.time() - t0)
+  io_utils.write_json(path, record)
+  outcome = "finished" if record["status"] == "finished" else f"FAILED ({record['error']})"
+  print(f"{tag}: {outcome} in {record['seconds']:.0f} s", flush=True)
+  return dict(record, reused=False)
+
+
+def _now() -> str:
+  return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def run(config, workdir: str, *, runners: dict[str, Callable] | None = None) -> dict:
+  """Runs every stage of `config.stages` in `workdir`, writes report.md; returns {stage: record}.
+
+  Raises StageFailed (after the report is written) if any stage failed. `runners` replaces a stage's study
+  function (tests use it to make a stage fail).
+  """
+  from mri_poison.studies.reproduce import report  # pylint: disable=import-outside-toplevel
+  _check_config(config)
+  stages = stage_names(config)
+  t0 = time.time()
+  with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (wd, _):
+    records = {}
+    for i, name in enumerate(stages, 1):
+      records[name] = _run_stage(name, config[name], wd, force=bool(config.force), index=i, total=len(stages),
+                                 runner=(runners or {}).get(name))
+    report.write_report(config, wd, records, wall_seconds=time.time() - t0)
+  failed = [n for n, r in records.items() if r["status"] != "finished"]
+  if failed:
+    raise StageFailed(f"stage(s) {', '.join(failed)} failed: " + "; ".join(records[n]["error"] for n in failed)
+                      + f" (details in {os.path.join(wd, 'report.md')})")
+  return records

@@ -1,0 +1,143 @@
+"""The main job: the whole pipeline at `test` size, reuse, force and failed stages, and the notebook tour."""
+import os
+import re
+
+import pytest
+
+from experiments.configs.reproduce import get_config
+from mri_poison.studies import reproduce
+from mri_poison.studies.reproduce import report as report_lib
+
+_NUMBER = re.compile(r"[-+]?\d+(\.\d+)?")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reproduce"))
+  records = reproduce.run(get_config("test"), workdir)
+  with open(os.path.join(workdir, "report.md")) as f:
+    return workdir, records, f.read()
+
+
+def _tables(text):
+  """Markdown tables as lists of body rows (cells), header and separator removed."""
+  tables, current = [], []
+  for line in text.splitlines() + [""]:
+    if line.startswith("|"):
+      current.append([c.strip() for c in line.strip().strip("|").split("|")])
+    elif current:
+      tables.append(current[2:])
+      current = []
+  return tables
+
+
+def test_pipeline_writes_every_study_with_numbers_and_figures(finished):
+  workdir, records, text = finished
+  assert set(records) == set(reproduce.STAGES) and all(r["status"] == "finished" for r in records.values())
+  headings = [line for line in text.splitlines() if line.startswith("## ")]
+  for expected in ("## Overview", "## Data", "## Study 1", "## Study 2", "## Study 3", "## Study 4",
+                   "## Run manifest"):
+    assert any(h.startswith(expected) for h in headings), (expected, headings)
+  # The studies' own sections come through with their findings, protocols and the paper's numbers.
+  assert text.count("### Findings and caveats") == 4 and text.count("### Protocol") == 4
+  tables = _tables(text)
+  assert len(tables) >= 12
+  for rows in tables:
+    assert rows and any(_NUMBER.search(c) for row in rows for c in row), rows
+  images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+  assert {p.split("/")[0] for p in images} == set(reproduce.STAGES)
+  for path in images:
+    assert os.path.getsize(os.path.join(workdir, path)) > 1000, path
+  assert "git revision" in text and "jax" in text
+
+
+def test_second_run_reuses_every_stage(finished):
+  workdir, records, text = finished
+  again = reproduce.run(get_config("test"), workdir)
+  assert all(r["reused"] for r in again.values())
+  assert {n: r["ended"] for n, r in again.items()} == {n: r["ended"] for n, r in records.items()}
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert f.read().count("| reused |") == 2 * len(reproduce.STAGES)  # overview and time tables
+
+
+def _fake_config(stages=("poison", "deform")):
+  config = get_config("test")
+  config.stages = stages
+  return config
+
+
+def _fake_study(calls, fail=False):
+  def study(config, workdir):
+    calls.append(workdir)
+    if fail:
+      raise RuntimeError("the GPU caught fire")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+      f.write("# A study\n\n## Findings and caveats\n\n- it ran\n\n| x |\n|---|\n| 1.5 |\n")
+    return {"value": 1.5}
+  return study
+
+
+def test_failed_stage_is_reported_and_others_still_run(tmp_path):
+  calls = []
+  runners = {"poison": _fake_study(calls, fail=True), "deform": _fake_study(calls)}
+  with pytest.raises(reproduce.StageFailed, match="poison.*GPU caught fire"):
+    reproduce.run(_fake_config(), str(tmp_path), runners=runners)
+  assert [os.path.basename(c) for c in calls] == ["poison", "deform"]
+  text = open(tmp_path / "report.md").read()
+  assert "**Failed stages**" in text and "RuntimeError: the GPU caught fire" in text
+  assert "## Study 1: `poison` (failed)" in text and "## A study" in text  # deform's own report is embedded
+  # Fixed: the failed stage runs again, the finished one is reused.
+  calls.clear()
+  records = reproduce.run(_fake_config(), str(tmp_path), runners={"poison": _fake_study(calls),
+                                                                   "deform": _fake_study(calls)})
+  assert [os.path.basename(c) for c in calls] == ["poison"]
+  assert records["deform"]["reused"] and not records["poison"]["reused"]
+
+
+def test_force_and_changed_sub_config_rerun(tmp_path):
+  calls = []
+  runners = {"poison": _fake_study(calls), "deform": _fake_study(calls)}
+  reproduce.run(_fake_config(), str(tmp_path), runners=runners)
+  changed = _fake_config()
+  changed.deform.attack.deltas = (0.2,)
+  calls.clear()
+  reproduce.run(changed, str(tmp_path), runners=runners)
+  assert [os.path.basename(c) for c in calls] == ["deform"]
+  (tmp_path / "poison" / "stale.txt").write_text("old")
+  forced = _fake_config()
+  forced.force = True
+  calls.clear()
+  reproduce.run(forced, str(tmp_path), runners=runners)
+  assert [os.path.basename(c) for c in calls] == ["poison", "deform"]
+  assert not (tmp_path / "poison" / "stale.txt").exists()
+
+
+def test_bad_stage_name_is_one_clear_error(tmp_path):
+  assert reproduce.pipeline.stage_names(_fake_config(("poison,deform",))) == ("poison", "deform")  # CLI form
+  with pytest.raises(ValueError, match="config stages=.*'posion'"):
+    reproduce.run(_fake_config(("posion",)), str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_embed_demotes_headings_and_reroots_relative_links():
+  text = "# T\n\n![f](figures/a.png) [r](results/x.csv) [w](https://e.org) [a](#s)\n```\n# code\n```\n"
+  out = report_lib.embed(text, "poison")
+  assert out.startswith("## T\n")
+  assert "(poison/figures/a.png)" in out and "(poison/results/x.csv)" in out
+  assert "(https://e.org)" in out and "(#s)" in out and "\n# code\n" in out
+
+
+def test_notebook_tour_runs_headless(finished, monkeypatch):
+  """experiments/notebooks/tour.ipynb executes top to bottom (on the pipeline's workdir: the studies reuse it)."""
+  nbclient = pytest.importorskip("nbclient")
+  nbformat = pytest.importorskip("nbformat")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  nb = nbformat.read(os.path.join(root, "experiments", "notebooks", "tour.ipynb"), as_version=4)
+  monkeypatch.setenv("MRI_POISON_TOUR_WORKDIR", finished[0])
+  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": root}}).execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # the phantom + one figure per study
+  text = "".join(o.get("text", "") for o in outputs)
+  assert re.search(r"PGD eps 0.5: whole-tumour Dice per case \[", text)
