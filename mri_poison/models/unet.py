@@ -196,6 +196,9 @@ class UNet(nn.Module):
     of 1..3 a change below ~0.004..0.008 would be rounded away before the model sees it (an attack's or
     adversarial training's eps 0.01 partly, 1e-3 entirely). For float32 models it changes nothing; "bfloat16"
     gives the old all-bfloat16 path. A name ("float32") or a dtype.
+  remat: recompute each block's activations in the backward pass instead of storing them (jax.checkpoint):
+    less memory for larger inputs or batches, about one extra forward pass of compute. Same params, same
+    numbers.
   deep_supervision: if True, return a tuple (final, aux_1, ..., aux_{L-2}) where aux_k are 1x1 heads on the
     decoder at 1/2^k resolution (at their own scale, finest first), as in nnU-Net; see
     `mri_poison.losses.deep_supervision_loss`.
@@ -209,6 +212,7 @@ class UNet(nn.Module):
   deep_supervision: bool = False
   final_features: int | None = None
   input_dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, temperature=1.0):
@@ -223,13 +227,14 @@ class UNet(nn.Module):
     kw = dict(norm=self.norm, activation=self.activation, dropout=self.dropout, dtype=self.dtype)
     input_dtype = jnp.dtype(self.input_dtype)
     x = x.astype(input_dtype)
+    block = nn.remat(TwoConv, static_argnums=(2,)) if self.remat else TwoConv  # (self, x, train): train static
 
     skips = []
     for level, width in enumerate(encoder):
       if level > 0:
         x = nn.max_pool(x, (2,) * n, strides=(2,) * n)
       first = dict(first_conv_dtype=input_dtype) if level == 0 else {}
-      x = TwoConv(width, **kw, **first, name=f"down_{level}")(x, train)
+      x = block(width, **kw, **first, name=f"down_{level}")(x, train)
       skips.append(x)
 
     aux = []
@@ -238,7 +243,7 @@ class UNet(nn.Module):
       up_width = x.shape[-1] if top else x.shape[-1] // 2
       up = DepthToSpaceUp(up_width, dtype=self.dtype, name=f"up_{level}")(x)
       x = jnp.concatenate([skips[level], up], axis=-1)
-      x = TwoConv(final if top else encoder[level], **kw, name=f"upcat_{level}")(x, train)
+      x = block(final if top else encoder[level], **kw, name=f"upcat_{level}")(x, train)
       if self.deep_supervision and not top:
         aux.append(self._head(x, f"aux_head_{level}"))
 
