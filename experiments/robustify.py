@@ -13,7 +13,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where models, results, figures 
 
 def main(argv):
   launch_utils.run_study(robustify.run, _CONFIG.value, _WORKDIR.value, argv, summary=lambda h: [
-      "clean Dice: " + ", ".join(f"{m} {v:.3f}" for m, v in h["clean_dice"].items())])
+      "clean Dice: " + ", ".join(f"{m} {v:.3f}" for m, v in h["clean_dice"].items()),
+      f"adaptive Dice at eps {h['reference_eps']:g}: "
+      + ", ".join(f"{m} {v:.3f}" for m, v in h["adaptive_dice_at_reference_eps"].items()),
+      "eps at which adaptive Dice halves: " + ", ".join(
+          f"{m} {v['eps_half']:.3g} [{v['ci_low']:.3g}, {v['ci_high']:.3g}]" for m, v in h["halving_budget"].items())])
 
 
 if __name__ == "__main__":

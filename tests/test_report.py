@@ -63,6 +63,11 @@ def test_figures_written(tmp_path):
   assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp.png")]  # nothing half-written left
   with pytest.raises(ValueError, match="grid"):
     figures.example_slice(image, image, label[:8], label, label, tmp_path / "bad.png")
+  path = figures.line_panels({"m": {"pgd": ([0, 1, 2], [0.3, 0.9, 1.4])}}, tmp_path / "l.png", xlabel="t",
+                             ylabel="CE")
+  assert os.path.getsize(path) > 1000
+  with pytest.raises(ValueError, match="panel"):
+    figures.line_panels({}, tmp_path / "none.png", xlabel="t", ylabel="CE")
 
 
 def test_nifti_keeps_affine_and_values(tmp_path):

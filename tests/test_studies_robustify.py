@@ -13,6 +13,8 @@ import pytest
 from experiments.configs import robustify as robustify_config
 from mri_poison.studies import common
 from mri_poison.studies import robustify
+from mri_poison import metrics
+from mri_poison.defenses import adversarial
 from mri_poison.studies.robustify import evaluation
 from mri_poison.studies.robustify import study as study_lib
 from mri_poison.train import workdir as workdir_lib
@@ -50,8 +52,16 @@ def finished_study(tmp_path_factory):
 def test_config_variants():
   for v in robustify_config.VARIANTS:
     c = robustify_config.get_config(v)
-    assert set(c.attack.attacks) == set(robustify.ATTACKS)
-    assert c.distill.temperature == 20.0 and c.adversarial.ratio == 0.5
+    assert set(c.attack.attacks) <= set(robustify.ATTACKS)
+    assert {"margin", "pgd_temp", "transfer", "targeted_margin"} <= set(c.attack.attacks)  # the adaptive set
+    assert c.distill.temperature == 20.0 and adversarial.mix_ratio(c.adversarial) == 0.5
+    assert c.adversarial.attack == "pgd"
+    assert c.model.input_dtype == "float32"
+  assert set(robustify_config.get_config("brats").attack.attacks) == set(robustify.ATTACKS)
+  assert robustify_config.get_config("brats").eval.sliding_window
+  default = robustify_config.get_config(None)
+  assert default.data.n_val >= 20 and max(default.attack.eps) >= 2.0  # n for tests; a grid up to collapse
+  assert default.adversarial.eps == default.eval.reference_eps
   assert robustify_config.get_config(None).variant == "phantom"
   with pytest.raises(ValueError, match="variant"):
     robustify_config.get_config("nope")
@@ -77,9 +87,10 @@ def test_study_end_to_end(finished_study):
   assert not leftovers
 
   rows = _read(os.path.join(workdir, "results", "per_case.csv"))
-  attacks = robustify.ATTACKS + (robustify.NOISE,)
-  # 3 models x 3 cases x (clean + 7 attacks x 2 eps)
-  assert len(rows) == 3 * 3 * (1 + len(attacks) * 2)
+  # Threats per model: fgsm, pgd, margin, targeted_margin, noise; + transfer (not on the undefended model itself)
+  # + pgd_temp (the distilled model only, the one with T != 1). 3 cases, 2 eps, + 2 eps of adaptive rows.
+  threats = {"undefended": 5, "distilled": 7, "adversarial": 6}
+  assert len(rows) == sum(3 * (1 + 2 * t) + 3 * 2 for t in threats.values())
   for r in rows:
     for col in robustify.DICE_COLUMNS:
       assert 0.0 <= float(r[col]) <= 1.0
@@ -88,30 +99,41 @@ def test_study_end_to_end(finished_study):
   for model in robustify.MODELS:
     clean = mean(model, "clean")
     assert clean > 0.2  # the models learnt something
-    for attack in ("fgsm", "ifgsm", "pgd"):
+    for attack in ("fgsm", "pgd", "margin", "adaptive"):
       assert mean(model, attack, 0.5) <= clean + 0.02  # attacks do not help
   # The undefended model under a real attack at the largest eps is hurt more than by the same-eps noise.
-  assert mean("undefended", "ifgsm", 0.5) < mean("undefended", "random_sign", 0.5)
+  assert mean("undefended", "pgd", 0.5) < mean("undefended", "random_sign", 0.5)
 
   wil = _read(os.path.join(workdir, "results", "wilcoxon.csv"))
   assert {w["comparison"] for w in wil} == {"clean vs attack", "distilled vs undefended", "adversarial vs undefended",
                                             "distilled vs adversarial"}
   assert all(0.0 <= float(w["p_value"]) <= 1.0 and int(w["n"]) == 3 for w in wil)
+  _check_primary_family(wil)
   robust = _read(os.path.join(workdir, "results", "robust_fraction.csv"))
   for r in robust:  # sequential robustness never exceeds robustness to one attack alone
     assert float(r["robust_sequential"]) <= float(r["robust_alone"]) + 1e-9
   sanity_rows = _read(os.path.join(workdir, "results", "sanity.csv"))
-  ifgsm = [s for s in sanity_rows if s["attack"] == "ifgsm" and s["model"] == "undefended"]
-  assert all(float(s["loss_adv"]) > float(s["loss_noise"]) for s in ifgsm)
-  assert all(float(s["loss_increased_fraction"]) == 1.0 for s in ifgsm)
+  pgd = [s for s in sanity_rows if s["attack"] == "pgd" and s["model"] == "undefended"]
+  assert all(float(s["loss_adv"]) > float(s["loss_noise"]) for s in pgd)
+  assert all(float(s["ce_increased_fraction"]) == 1.0 for s in pgd)  # plain CE rose from the clean input
+  distilled = next(s for s in sanity_rows if s["model"] == "distilled")
+  assert 0.0 <= float(distilled["saturated_fraction"]) <= 1.0
 
   # per_case.csv is a view of the cell table: the same numbers, one cell per (model, threat, eps).
   cells = _read(os.path.join(workdir, "results", "cells.csv"))
-  assert len({c["cell"] for c in cells}) == 3 * (1 + len(attacks) * 2) == headline["cells_computed"]
+  assert len({c["cell"] for c in cells}) == sum(1 + 2 * t for t in threats.values()) == headline["cells_computed"]
   value = {(c["victim"], c["threat"], float(c["budget"]), c["case"], c["metric"]): c["value"] for c in cells}
-  for r in rows:
+  for r in rows:  # an adaptive row is the row of the attack it names
+    attack = r["worst_attack"] if r["attack"] == "adaptive" else r["attack"]
     for col in robustify.DICE_COLUMNS + ("ce", "ce_target"):
-      assert r[col] == value[(r["model"], r["attack"], float(r["eps"]), r["case"], col)]
+      assert r[col] == value[(r["model"], attack, float(r["eps"]), r["case"], col)]
+  # Perceptibility shrinks as eps grows; targeted success was scored.
+  psnr = {float(c["budget"]): float(c["value"]) for c in cells
+          if c["victim"] == "undefended" and c["threat"] == "pgd" and c["metric"] == "psnr" and c["case"] == rows[0]["case"]}
+  assert psnr[0.1] > psnr[0.5] > 0
+  targeted = _read(os.path.join(workdir, "results", "targeted.csv"))
+  assert {t["attack"] for t in targeted} == {"targeted_margin"}
+  assert all(0.0 <= float(t["reached"]) <= 1.0 for t in targeted)
 
   volumes = sorted(os.listdir(os.path.join(workdir, "volumes")))
   assert len(volumes) == 4  # clean, adversarial, and both predictions
@@ -119,15 +141,22 @@ def test_study_end_to_end(finished_study):
   clean = nib.load(os.path.join(workdir, "volumes", f"{case.case_id}_clean.nii.gz"))
   np.testing.assert_array_equal(np.asarray(clean.dataobj), case.image)
   assert clean.header["descrip"].tobytes().startswith(b"channels t1,t1ce,t2,flair")
-  img = nib.load(os.path.join(workdir, "volumes", f"{case.case_id}_ifgsm_eps0.5.nii.gz"))
+  img = nib.load(os.path.join(workdir, "volumes", f"{case.case_id}_pgd_eps0.5.nii.gz"))
   np.testing.assert_allclose(img.affine, case.affine, atol=1e-5)
   delta = np.asarray(img.dataobj) - case.image
   assert np.abs(delta).max() <= 0.5 + 1e-5 and np.all(delta[case.image.sum(-1) == 0] == 0)
 
   report = open(os.path.join(workdir, "report.md")).read()
   for text in ("default chosen here", "Wilcoxon", "Findings and caveats", "Holm", "sample standard deviation", "figures/dice_vs_eps.png", "figures/example_slice.png",
-               "Dice 1"):
-    assert text in report
+               "Dice 1", "figures/adaptive_dice_vs_eps.png", "figures/ce_trajectory.png", "Primary comparisons",
+               "Masking diagnostics", "eps_1/2", "Targeted attacks", "The paper's numbers", "Relative drop",
+               "models/`", "`distilled`: ", "Warm start"):
+    assert text in report, text
+  # The findings carry the primary comparisons' numbers: every defence's corrected p and CI.
+  for w in (w for w in wil if w["family"] == "primary" and w["comparison"].endswith("vs undefended")):
+    assert f"{float(w['mean_diff']):+.3f} [95 % CI {float(w['ci_low']):+.3f}, {float(w['ci_high']):+.3f}]" in report
+  halving = json.load(open(os.path.join(workdir, "results", "headline.json")))["halving_budget"]
+  assert set(halving) == set(robustify.MODELS)
   assert json.load(open(os.path.join(workdir, "results", "headline.json")))["n_val"] == 3
   assert set(headline["clean_dice"]) == set(robustify.MODELS)
 
@@ -171,8 +200,9 @@ def test_extending_by_one_eps_computes_only_the_new_cells(finished_study, tmp_pa
   # per_case.csv keeps every old number of these threats and gains the new eps.
   rows = _read(os.path.join(workdir, "results", "per_case.csv"))
   kept = [r for r in old_rows if r["attack"] in ("clean",) + threats]
-  assert [r for r in rows if float(r["eps"]) != 0.3] == kept
-  assert len(rows) == len(kept) + len(robustify.MODELS) * len(threats) * 3
+  assert [r for r in rows if float(r["eps"]) != 0.3 and r["attack"] != "adaptive"] == kept
+  adaptive = len(robustify.MODELS) * 3 * 3  # now over fgsm and pgd, at 3 eps
+  assert len(rows) == len(kept) + len(robustify.MODELS) * len(threats) * 3 + adaptive
 
 
 def test_training_keys_cannot_change_in_a_finished_workdir(finished_study, tmp_path):
@@ -231,17 +261,124 @@ def test_second_victim_reuses_the_compiled_scorer_and_attacks(finished_study, tm
   # Two victims of one architecture through the study's evaluation path, which rebuilds its loss hooks and
   # looks up its scorer from the config on every call: after the first victim nothing may be traced again,
   # neither the scorer nor an attack's sweep (a fresh table, so every cell is computed for both).
+  # The adversarial victim also gets `transfer`, the undefended model's PGD: the same compiled sweep.
   done = {}
+  source = {"params": params["undefended"], "key": jax.random.fold_in(key, 0), "digest": "undefended"}
   with _TraceCounter() as first:
     done["undefended"] = evaluation.evaluate_victim(table, "undefended", params["undefended"], data, config,
-                                                    jax.random.fold_in(key, 0))
+                                                    jax.random.fold_in(key, 0), source=source)
   with _TraceCounter() as second:
-    done["distilled"] = evaluation.evaluate_victim(table, "distilled", params["distilled"], data, config,
-                                                   jax.random.fold_in(key, 1))
-  assert len(done["distilled"]) == len(done["undefended"]) == 1 + 7 * 2
+    done["adversarial"] = evaluation.evaluate_victim(table, "adversarial", params["adversarial"], data, config,
+                                                     jax.random.fold_in(key, 2), source=source)
+  assert len(done["undefended"]) == 1 + 5 * 2 and len(done["adversarial"]) == 1 + 6 * 2
   assert second.names == [], f"retraced for a second victim: {second.names} (first victim: {first.names})"
-  ce = lambda v: table.values(next(c for c in done[v] if c.threat == "pgd" and c.budget == 0.5), "ce",
-                              data["case_id"])
-  assert not np.array_equal(ce("undefended"), ce("distilled"))  # the second params did reach the attack
+  ce = lambda v, t="pgd": table.values(next(c for c in done[v] if c.threat == t and c.budget == 0.5), "ce",
+                                       data["case_id"])
+  assert not np.array_equal(ce("undefended"), ce("adversarial"))  # the second params did reach the attack
+  assert not np.array_equal(ce("adversarial"), ce("adversarial", "transfer"))
   assert evaluation.evaluate_victim(table, "undefended", params["undefended"], data, config,
-                                    jax.random.fold_in(key, 0)) == []
+                                    jax.random.fold_in(key, 0), source=source) == []
+
+
+def _check_primary_family(wil):
+  """The pre-declared primary comparisons are Holm-corrected as ONE family; the rest are uncorrected."""
+  primary = [w for w in wil if w["family"] == "primary"]
+  # each defence vs undefended under the adaptive attack, each attack on the undefended model vs clean
+  assert sorted((w["comparison"], w["attack"]) for w in primary) == sorted(
+      [("distilled vs undefended", "adaptive"), ("adversarial vs undefended", "adaptive")]
+      + [("clean vs attack", a) for a in ("fgsm", "pgd", "margin", "targeted_margin")])
+  assert all(float(w["eps"]) == 0.5 and w["region"] == "mean" for w in primary)
+  np.testing.assert_allclose([float(w["p_holm"]) for w in primary],
+                             metrics.holm([float(w["p_value"]) for w in primary]))
+  assert all(np.isnan(float(w["p_holm"])) for w in wil if w["family"] == "exploratory")
+
+
+def test_adaptive_is_never_better_than_any_single_attack(finished_study):
+  _, _, workdir, _ = finished_study
+  rows = _read(os.path.join(workdir, "results", "per_case.csv"))
+  singles = {}
+  for r in rows:
+    if r["attack"] not in ("clean", "adaptive", robustify.NOISE):
+      singles.setdefault((r["model"], r["eps"], r["case"]), []).append(float(r["dice_mean"]))
+  adaptive = [r for r in rows if r["attack"] == "adaptive"]
+  assert len(adaptive) == len(singles) == 3 * 2 * 3
+  for r in adaptive:
+    single = singles[(r["model"], r["eps"], r["case"])]
+    assert float(r["dice_mean"]) <= min(single) and float(r["dice_mean"]) in single
+  # The distilled model's adaptive set includes the temperature-scaled and the transferred attacks.
+  assert {r["worst_attack"] for r in adaptive} <= set(robustify.ATTACKS)
+
+
+def test_adaptive_rows_pick_the_worst_attack_per_case():
+  rows = [{"model": "m", "attack": a, "eps": 0.1, "case": c, "dice_mean": v}
+          for a, vals in (("fgsm", (0.5, 0.2)), ("pgd", (0.3, 0.4)), ("margin", (0.3, 0.9))) for c, v in zip("xy", vals)]
+  out = evaluation.adaptive_rows(rows, ("fgsm", "pgd", "margin"), [0.1])
+  assert [(r["case"], r["worst_attack"], r["dice_mean"]) for r in out] == [("x", "pgd", 0.3), ("y", "fgsm", 0.2)]
+
+
+def test_halving_budget_on_known_curves():
+  clean = np.ones(4)
+  # log-linear between grid points: 0.75 at 0.1 and 0.25 at 1 -> 0.5 at sqrt(0.1)
+  dice = np.array([[0.75] * 4, [0.25] * 4])
+  assert robustify.halving_budget([0.1, 1.0], dice, clean) == pytest.approx(np.sqrt(0.1))
+  # linear below the first grid point: 0 at eps 0 (Dice 1) to 0.2 (Dice 0) -> 0.1
+  assert robustify.halving_budget([0.2, 2.0], np.zeros((2, 4)), clean) == pytest.approx(0.1)
+  assert robustify.halving_budget([0.1, 1.0], np.full((2, 4), 0.6), clean) == np.inf  # never halves
+  # Per-case curves of known halving budgets: the bootstrap CI brackets the point estimate.
+  rng = np.random.default_rng(0)
+  eps = np.geomspace(0.01, 10, 13)
+  e_half = rng.uniform(0.2, 0.5, 20)
+  per_case = 1.0 / (1.0 + eps[:, None] / e_half[None])  # halves exactly at e_half per case
+  res = robustify.halving_budget_ci(eps, per_case, np.ones(20), n_boot=200)
+  assert res["ci_low"] <= res["eps_half"] <= res["ci_high"]
+  assert 0.2 < res["ci_low"] and res["ci_high"] < 0.5 and res["never_halved_fraction"] == 0.0
+
+
+def test_eps_scale_per_channel_range():
+  x = np.zeros((2, 4, 4, 4, 2), np.float32)
+  x[0, 1:3, 1:3, 1:3, 0] = [[[1, 3], [2, 2]], [[2, 2], [2, 2]]]
+  x[0, 1:3, 1:3, 1:3, 1] = 5.0
+  x[1, 1:3, 1:3, 1:3] = 1.0
+  brain = np.any(x != 0, axis=-1)
+  scale = evaluation.eps_scale(x, brain, "per_channel_range")
+  assert scale.shape == (2, 1, 1, 1, 2)
+  np.testing.assert_allclose(scale[0].ravel(), [2.0, 1e-6])  # range over brain voxels only, floored
+  np.testing.assert_array_equal(evaluation.eps_scale(x, brain, "absolute"), np.ones((2, 1, 1, 1, 2)))
+  with pytest.raises(ValueError, match="attack.eps_mode"):
+    evaluation.eps_scale(x, brain, "relative")
+
+
+def test_ce_tracked_loss_has_the_attack_gradient_and_the_ce_value():
+  import jax.numpy as jnp
+  from mri_poison import losses as seg_losses
+  from mri_poison.attacks import losses as attack_losses
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)), jnp.float32)
+  apply_fn = lambda p, x: x @ p  # (B, S, 2) -> (B, S, 3) logits
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 2)), jnp.float32)
+  labels = jnp.asarray([[0, 1, 2, 0, 1], [2, 2, 1, 0, 0]])
+  inner = attack_losses.margin(attack_losses.scaled_apply(apply_fn, 4.0), w, labels)
+  tracked = evaluation.CETracked(inner, labels, None, 4.0)
+  np.testing.assert_allclose(tracked(x), seg_losses.cross_entropy(apply_fn(w, x), labels), rtol=1e-6)
+  grad = lambda f: jax.grad(lambda v: f(v).sum())(x)
+  np.testing.assert_allclose(grad(tracked), grad(inner), rtol=1e-6)
+
+
+def test_deployed_sliding_window_path():
+  """eval.sliding_window routes attacks and scoring through windowed inference (its numerics, e.g. one window
+  covering the volume == the whole-volume model, are tests/test_attacks_sliding_window.py's), and its cells
+  are keyed apart from whole-volume ones."""
+  config = _tiny_config()
+  config.model.features = (4, 8)
+  config.data.update(dict(shape=(8, 8, 8), patch_shape=(8, 8, 8)))
+  whole = evaluation.deployed_apply_fn(config)
+  config.eval.sliding_window = True
+  windowed = evaluation.deployed_apply_fn(config)
+  assert windowed.window == (8, 8, 8) and windowed == evaluation.deployed_apply_fn(config)  # one compile
+  assert windowed.apply_fn is whole and windowed.overlap == config.eval.overlap
+  config.eval.window = (4, 8, 8)
+  assert evaluation.deployed_apply_fn(config).window == (4, 8, 8)
+  data = {"case_id": ["a"], "digest": "d"}
+  keyed = lambda c: {k: v.key for k, v in evaluation.victim_cells("undefended", "p", jax.random.PRNGKey(0), data,
+                                                                  c).items()}
+  plain = _tiny_config()
+  assert set(keyed(plain).values()).isdisjoint(keyed(config).values())

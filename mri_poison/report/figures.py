@@ -124,3 +124,33 @@ def example_slice(image, adversarial, label, pred_clean, pred_adv, path, *, chan
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return save_figure(fig, path)
+
+
+def line_panels(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path, *,
+                xlabel: str, ylabel: str, title: str | None = None) -> str:
+  """One panel per key of `curves`, one line per inner key: curves[panel][line] = (x, y); linear axes, free y
+  (e.g. a loss along an attack's iterations)."""
+  panels = list(curves)
+  if not panels:
+    raise ValueError("line_panels needs at least one panel")
+  cols = min(3, len(panels))
+  rows = math.ceil(len(panels) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.5 * rows), squeeze=False)
+  lines = list(dict.fromkeys(m for p in panels for m in curves[p]))
+  colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(lines)}
+  for ax, panel in zip(axes.ravel(), panels):
+    for line, (x, y) in curves[panel].items():
+      ax.plot(np.asarray(x, float), np.asarray(y, float), "o-", color=colours[line], label=line, markersize=3.5)
+    ax.set_title(panel)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+  for ax in axes.ravel()[len(panels):]:
+    ax.axis("off")
+  for ax in axes[:, 0]:
+    ax.set_ylabel(ylabel)
+  for ax in axes.ravel()[:len(panels)]:  # each panel may have its own lines
+    ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return save_figure(fig, path)

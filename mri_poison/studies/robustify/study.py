@@ -17,11 +17,9 @@ from mri_poison.report import figures
 from mri_poison.report import nifti
 from mri_poison.report import tables
 from mri_poison.studies import common
-from mri_poison.studies.robustify.evaluation import (ATTACKS, DICE_COLUMNS, EVAL_VERSION, NOISE, TARGETS,
-                                                     attack_volumes, evaluate_victim, evaluation_cost,
-                                                     make_scorer, make_target, model_apply_fn, per_case_rows,
-                                                     robust_fraction_rows, sanity_rows, victim_cells,
-                                                     victim_digest, wilcoxon_rows)
+from mri_poison.studies.robustify import evaluation as ev
+from mri_poison.studies.robustify.evaluation import (ATTACKS, DICE_COLUMNS, EPS_MODES, EVAL_VERSION, NOISE, TARGETS,
+                                                     attack_volumes, make_scorer, make_target)
 from mri_poison.studies.robustify.report import write_report
 from mri_poison.studies.robustify.training import MODELS, train_models
 
@@ -51,8 +49,17 @@ def _check_config(config) -> None:
     raise ValueError(f"config adversarial.init={config.adversarial.init!r}: expected 'base' or 'scratch'")
   if float(config.distill.temperature) <= 0:
     raise ValueError(f"config distill.temperature={config.distill.temperature}: expected > 0")
-  if str(config.eval.example_attack) not in ATTACKS:
-    raise ValueError(f"config eval.example_attack={config.eval.example_attack!r}: expected one of {ATTACKS}")
+  if str(config.attack.get("eps_mode", "absolute")) not in EPS_MODES:
+    raise ValueError(f"config attack.eps_mode={config.attack.eps_mode!r}: expected one of {EPS_MODES}")
+  if not float(config.attack.get("margin_kappa", 0.0)) >= 0:
+    raise ValueError(f"config attack.margin_kappa={config.attack.margin_kappa}: expected >= 0")
+  if bool(config.eval.get("sliding_window", False)):
+    window = tuple(config.eval.get("window", ()) or config.data.patch_shape)
+    if len(window) != len(tuple(config.data.shape)) or min(int(w) for w in window) < 1:
+      raise ValueError(f"config eval.window={window}: expected one positive size per axis of data.shape")
+  if str(config.eval.example_attack) not in ATTACKS or str(config.eval.example_attack) in ("transfer", "pgd_temp"):
+    raise ValueError(f"config eval.example_attack={config.eval.example_attack!r}: expected one of {ATTACKS} "
+                     "other than transfer and pgd_temp")
 
 
 # ------------------------------------------------------------------------------------------------ the study
@@ -101,68 +108,115 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     return _evaluate_and_report(config, workdir, params, data, val, t_start)
 
 
+def temperatures(config) -> dict[str, float]:
+  """Each compared model's training temperature (what `pgd_temp` divides its logits by)."""
+  return {m: float(config.distill.temperature) if m == "distilled" else 1.0 for m in MODELS}
+
+
 def _evaluate_and_report(config, workdir, params, data, val_cases, t_start) -> dict:
-  acfg = config.attack
-  eps = [float(e) for e in acfg.eps]
-  attacks = tuple(acfg.attacks)
-  all_attacks = attacks + (NOISE,)
+  acfg, ecfg = config.attack, config.eval
+  eps = sorted(float(e) for e in acfg.eps)
   n, case_ids = data["image"].shape[0], list(data["case_id"])
   results = os.path.join(workdir, "results")
+  temps = temperatures(config)
 
   # The victims' random streams are numbered by their place in MODELS.
   key = jax.random.PRNGKey(int(acfg.seed))
   keys = {m: jax.random.fold_in(key, i) for i, m in enumerate(MODELS)}
-  digests = {m: victim_digest(config.model, params[m]) for m in MODELS}
-  cells = {m: victim_cells(m, digests[m], keys[m], data, config) for m in MODELS}
+  digests = {m: ev.victim_digest(config.model, params[m]) for m in MODELS}
+  source = {"params": params[ev.SOURCE], "key": keys[ev.SOURCE], "digest": digests[ev.SOURCE]}
+  cells = {m: ev.victim_cells(m, digests[m], keys[m], data, config, temperature=temps[m], source=source)
+           for m in MODELS}
   table = common.CellTable(os.path.join(results, "cells.csv"))
   todo = [c for m in MODELS for c in table.missing(cells[m].values())]
   logging.info("robustify: %d of %d evaluation cells to compute (%s)", len(todo),
                sum(len(c) for c in cells.values()), table.path)
-  progress = common.Progress(evaluation_cost(todo, config) * n, name="robustify eval", unit="volume-gradients")
+  progress = common.Progress(ev.evaluation_cost(todo, config) * n, name="robustify eval", unit="volume-gradients")
   t_eval = time.perf_counter()
   for m in MODELS:
-    evaluate_victim(table, m, params[m], data, config, keys[m], params_digest=digests[m], progress=progress)
+    ev.evaluate_victim(table, m, params[m], data, config, keys[m], temperature=temps[m], source=source,
+                       params_digest=digests[m], progress=progress)
   eval_s = time.perf_counter() - t_eval
 
-  per_case = per_case_rows(table, cells, MODELS, config, case_ids)
+  ref_eps = _nearest(eps, ecfg.reference_eps)
+  n_boot, seed = int(ecfg.get("n_boot", 1000)), int(config.seed)
+  per_case = ev.per_case_rows(table, cells, MODELS, config, case_ids, temps)
   io_utils.write_csv(os.path.join(results, "per_case.csv"), per_case)
   summary = tables.summarize(per_case, ["model", "attack", "eps"], DICE_COLUMNS)
   clean_mean = {r["model"]: r["dice_mean_mean"] for r in summary if r["attack"] == "clean"}
   for r in summary:
+    # Relative drop: 100 (1 - mean attacked Dice / mean clean Dice) of the same model, over the same cases.
     r["drop_pct"] = 100.0 * (1.0 - r["dice_mean_mean"] / clean_mean[r["model"]]) if clean_mean[r["model"]] else 0.0
   io_utils.write_csv(os.path.join(results, "summary.csv"), summary)
-  wil = tables.add_holm(wilcoxon_rows(per_case, MODELS, all_attacks, eps), family=("region",))
-  io_utils.write_csv(os.path.join(results, "wilcoxon.csv"), wil)
-  robust = robust_fraction_rows(per_case, MODELS, attacks, eps, float(config.eval.robust_factor))
+  comparisons = ev.comparison_rows(per_case, MODELS, eps, ref_eps)
+  io_utils.write_csv(os.path.join(results, "wilcoxon.csv"), comparisons)
+  attacks_of = {m: [t for t in ev.victim_threats(m, temps[m], acfg.attacks) if t != NOISE] for m in MODELS}
+  robust = ev.robust_fraction_rows(per_case, MODELS, attacks_of, eps, float(ecfg.robust_factor))
   io_utils.write_csv(os.path.join(results, "robust_fraction.csv"), robust)
-  sanity = [r for m in MODELS for r in sanity_rows(table, cells, m, config, case_ids)]
+  sanity = [r for m in MODELS for r in ev.sanity_rows(table, cells, m, config, case_ids, temps[m])]
   io_utils.write_csv(os.path.join(results, "sanity.csv"), sanity)
+  halving = ev.halving_rows(per_case, MODELS, eps, n_boot=n_boot, seed=seed)
+  io_utils.write_csv(os.path.join(results, "halving_budget.csv"), halving)
+  masking = ev.masking_rows(per_case, sanity, MODELS, eps, ref_eps, float(ecfg.get("collapse_dice", 0.1)))
+  io_utils.write_csv(os.path.join(results, "masking.csv"), masking)
+  percept = ev.cell_means(table, cells, [ev.SOURCE], ("psnr", "ssim"), case_ids)
+  io_utils.write_csv(os.path.join(results, "perceptibility.csv"), percept)
+  targeted = ev.cell_means(table, cells, MODELS, ev.SUCCESS_COLUMNS, case_ids, threats=ev.TARGETED)
+  clean_left = {m: float(np.nanmean(table.values(cells[m][(ev.CLEAN, 0.0)], "tumour_left", case_ids)))
+                for m in MODELS}
+  for r in targeted:
+    r["tumour_left_clean"] = clean_left[r["model"]]
+  io_utils.write_csv(os.path.join(results, "targeted.csv"), targeted)
 
-  # One panel per model, one line per attack, eps = 0 the clean Dice; bands: bootstrap 95 % CI of the mean.
+  # Figures: (1) the headline, every model under the adaptive attack up to collapse; (2) one panel per model,
+  # one line per attack; bands: bootstrap 95 % CI of the mean; (3) the plain-CE trajectories at the reference eps.
   curves, ci = {m: {} for m in MODELS}, {m: {} for m in MODELS}
   for model in MODELS:
     clean = [r for r in summary if r["model"] == model and r["attack"] == "clean"]
-    for attack in all_attacks:
-      rs = clean + [r for r in summary if r["model"] == model and r["attack"] == attack]
+    for attack in [ev.ADAPTIVE] + attacks_of[model] + [NOISE]:
+      rs = clean + sorted((r for r in summary if r["model"] == model and r["attack"] == attack), key=lambda r: r["eps"])
       curves[model][attack] = ([r["eps"] for r in rs], [r["dice_mean_mean"] for r in rs])
       ci[model][attack] = ([r["dice_mean_ci_low"] for r in rs], [r["dice_mean_ci_high"] for r in rs])
-  dice_fig = figures.dice_vs_eps(curves, os.path.join(workdir, "figures", "dice_vs_eps.png"), ci=ci,
-                                 title=f"Dice vs eps ({n} validation volumes; band: bootstrap 95 % CI of the mean)")
+  figs = {
+      "adaptive": figures.dice_vs_eps(
+          {"adaptive (worst case per volume)": {m: curves[m][ev.ADAPTIVE] for m in MODELS}},
+          os.path.join(workdir, "figures", "adaptive_dice_vs_eps.png"),
+          ci={"adaptive (worst case per volume)": {m: ci[m][ev.ADAPTIVE] for m in MODELS}},
+          title=f"Mean Dice under the adaptive attack ({n} volumes; band: bootstrap 95 % CI)"),
+      "dice": figures.dice_vs_eps(curves, os.path.join(workdir, "figures", "dice_vs_eps.png"), ci=ci,
+                                  title=f"Dice vs eps ({n} validation volumes; band: bootstrap 95 % CI of the mean)"),
+      "ce": figures.line_panels(
+          ev.ce_trajectories(table, cells, MODELS, config, case_ids, ref_eps, temps),
+          os.path.join(workdir, "figures", "ce_trajectory.png"), xlabel="iterate (0 = clean input)",
+          ylabel="plain CE to the labels (mean over volumes)",
+          title=f"Plain CE along each attack at eps = {ref_eps:g}"),
+  }
   example = _example_stage(config, workdir, params["undefended"], digests["undefended"], data, val_cases)
 
-  ref_eps = _nearest(eps, config.eval.reference_eps)
+  def at_ref(m, attack):
+    return next((r["dice_mean_mean"] for r in summary if r["model"] == m and r["attack"] == attack
+                 and r["eps"] == ref_eps), float("nan"))
+
   headline = {
       "clean_dice": clean_mean,
       "reference_eps": ref_eps,
-      "dice_at_reference_eps": {m: {r["attack"]: r["dice_mean_mean"] for r in summary
-                                    if r["model"] == m and r["attack"] != "clean" and r["eps"] == ref_eps}
+      "dice_at_reference_eps": {m: {a: at_ref(m, a) for a in [ev.ADAPTIVE] + attacks_of[m] + [NOISE]}
                                 for m in MODELS},
+      "adaptive_dice_at_reference_eps": {m: at_ref(m, ev.ADAPTIVE) for m in MODELS},
+      "halving_budget": {r["model"]: {k: r[k] for k in ("eps_half", "ci_low", "ci_high")}
+                         for r in halving if r["attack"] == ev.ADAPTIVE},
+      "primary": [{k: r[k] for k in ("comparison", "model_a", "attack", "eps", "mean_diff", "ci_low", "ci_high",
+                                     "p_value", "p_holm", "n", "n_effective")}
+                  for r in comparisons if r["family"] == "primary"],
       "n_val": n, "eval_seconds": eval_s, "wall_seconds": time.perf_counter() - t_start,
       "cost": _compute_cost(workdir, eval_s if todo else 0.0),
       "cells_computed": len(todo),
   }
   io_utils.write_json(os.path.join(results, "headline.json"), headline)
-  write_report(config, workdir, summary, wil, robust, sanity, headline, dice_fig, example)
+  write_report(config, workdir, dict(summary=summary, comparisons=comparisons, robust=robust, sanity=sanity,
+                                     halving=halving, masking=masking, perceptibility=percept, targeted=targeted,
+                                     attacks_of=attacks_of, temperatures=temps),
+               headline, figs, example)
   logging.info("robustify: done in %.0f s; report at %s", headline["wall_seconds"], os.path.join(workdir, "report.md"))
   return headline
 
@@ -193,7 +247,8 @@ def _example_stage(config, workdir, params, params_digest, data, val_cases) -> d
   depends_on = {"params": params_digest, "data": data["digest"], "cases": list(data["case_id"][:k]),
                 "attack": str(ecfg.example_attack), "eps": float(ecfg.example_eps), "n_volumes": int(ecfg.n_volumes),
                 "steps": int(acfg.steps), "step_frac": float(acfg.step_frac), "restarts": int(acfg.restarts),
-                "target": str(acfg.target), "seed": int(acfg.seed), "version": EVAL_VERSION, "files": 2}
+                "target": str(acfg.target), "seed": int(acfg.seed), "version": EVAL_VERSION, "files": 2,
+                "kappa": float(acfg.get("margin_kappa", 0.0)), "deploy": ev._deployment(config)}  # pylint: disable=protected-access
   files_exist = lambda r: all(os.path.exists(os.path.join(workdir, p)) for p in [r["figure"]] + r["volumes"])
   example = common.cached_stage(os.path.join(workdir, "results", "stages", "example.json"), depends_on,
                                 lambda: _example(config, workdir, params, data, val_cases), valid=files_exist)
@@ -207,7 +262,7 @@ def _example(config, workdir, params, data, val_cases) -> dict:
   Paths in the result are relative to the workdir.
   """
   acfg = config.attack
-  apply_fn = model_apply_fn(config.model)
+  apply_fn = ev.deployed_apply_fn(config)
   attack, e = str(config.eval.example_attack), float(config.eval.example_eps)
   k = max(1, int(config.eval.n_volumes))
   x, y = jnp.asarray(data["image"][:k]), jnp.asarray(data["label"][:k])
@@ -216,8 +271,9 @@ def _example(config, workdir, params, data, val_cases) -> dict:
   x_adv, _ = attack_volumes(attack, apply_fn, params, x, y, brain, np.asarray([e], np.float32), acfg,
                             jax.random.PRNGKey(int(acfg.seed) + 1), target)
   x_adv = np.asarray(x_adv[0])
-  _, predict = make_scorer(apply_fn)
-  pred_clean, pred_adv = np.asarray(predict(params, x)), np.asarray(predict(params, jnp.asarray(x_adv)))
+  _, predict, _ = make_scorer(apply_fn)
+  pred_clean = np.asarray(predict(params, x[None]))[0]
+  pred_adv = np.asarray(predict(params, jnp.asarray(x_adv)[None]))[0]
   modalities = tuple(val_cases[0].modalities)
   channel = modalities.index("flair") if "flair" in modalities else len(modalities) - 1
   image = np.asarray(x)

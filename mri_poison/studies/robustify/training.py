@@ -31,6 +31,33 @@ def _sub_config(config, train_updates: dict | None = None, **extra) -> ml_collec
   return sub
 
 
+def _steps(config) -> dict[str, int]:
+  """Training steps of every model (the rules of `train_models`)."""
+  warm = str(config.distill.get("init", "scratch")) == "scaled_base"
+  fine_tune = str(config.adversarial.init) == "base"
+  base = int(config.train.steps)
+  distill = int(config.distill.steps) or (max(base // 2, 1) if warm else base)
+  adv = int(config.adversarial.train_steps) or (max(base // 2, 1) if fine_tune else base)
+  return {"base": base, "distill": distill, "adversarial": adv, "warm": warm, "fine_tune": fine_tune}
+
+
+def training_budgets(config) -> dict[str, str]:
+  """{model folder: its training budget in words} for the report."""
+  s = _steps(config)
+  adv = config.adversarial
+  start = lambda: "from `base`" if s["fine_tune"] else "from scratch"
+  dstart = "from `base` with logits x T" if s["warm"] else "from scratch"
+  t = float(config.distill.temperature)
+  return {
+      "base": f"{s['base']} steps from random init, clean",
+      "undefended": f"{s['adversarial']} steps {start()}, clean",
+      "teacher": f"{s['distill']} steps {dstart}, at T = {t:g}",
+      "distilled": f"{s['distill']} steps {dstart}, at T = {t:g} on the teacher's soft labels",
+      "adversarial": (f"{s['adversarial']} steps {start()}, {str(adv.attack).upper()} at eps {float(adv.eps):g} "
+                      f"on {adv_lib.mix_ratio(adv):.0%} of each batch"),
+  }
+
+
 def train_models(config, workdir: str, train_cases) -> dict[str, Any]:
   """{"base", "undefended", "teacher", "distilled", "adversarial"} params, trained (or resumed) in models/<name>.
 
