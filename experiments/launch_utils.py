@@ -172,19 +172,36 @@ def define_config(default: str, help_text: str = "Config file (file.py:variant);
     _fail("config error", e)
 
 
+_SECTION = re.compile(r"^(\s*)(?:config\.)?(\w+(?:\.\w+)*)\s*(?:=\s*ml_collections\.ConfigDict\(|\.update\()")
+_STATEMENT = re.compile(r"^(\s*)[\w.,\s]+=")
+
+
 def field_comments(path: str) -> dict[str, str]:
-  """{field name: the comment on its line} from a config file's source (`name=value,  # comment`)."""
+  """{field: the comment on its line} from a config file's source (`name=value,  # comment`).
+
+  Inside a `config.<section> = ml_collections.ConfigDict(...)` or `config.<section>.update(...)` block a
+  comment is keyed "section.name" (so that fields of one name in two sections keep their own comments),
+  elsewhere (e.g. a library's default config) by the bare name.
+  """
   out = {}
   try:
     lines = open(path).read().splitlines()
   except OSError:
     return out
+  section, indent = None, -1
   for line in lines:
-    if "#" not in line:
-      continue
-    code, comment = line.split("#", 1)
+    code, _, comment = line.partition("#")
+    start = _SECTION.match(code)
+    if start:
+      section, indent = start.group(2), len(start.group(1))
+    elif section and (m := _STATEMENT.match(code)) and len(m.group(1)) <= indent:
+      section = None  # a new statement at the block's level ends the section
     names = re.findall(r"(\w+)\s*=", code)
-    if names:
+    if not comment or not names:
+      continue
+    if section and not start:
+      out.setdefault(f"{section}.{names[-1]}", comment.strip())
+    else:
       out.setdefault(names[-1], comment.strip())
   return out
 
@@ -199,7 +216,8 @@ def config_comments(path: str) -> dict[str, str]:
   module = _config_module(path)
   sources = [path] + sorted({inspect.getsourcefile(v) for v in vars(module).values()
                              if (inspect.ismodule(v) or inspect.isfunction(v))
-                             and getattr(v, "__module__", getattr(v, "__name__", "")).startswith("mri_poison")})
+                             and getattr(v, "__module__", getattr(v, "__name__", "")).startswith(
+                                 ("mri_poison", "experiments.configs"))})
   comments = {}
   for source in sources:
     for k, v in field_comments(source).items():
@@ -218,7 +236,9 @@ def format_config(config, comments: dict[str, str], prefix: str = "") -> list[st
     if hasattr(value, "keys") and hasattr(value, "to_dict"):
       lines += format_config(value, comments, name + ".")
     else:
-      note = comments.get(f"{name.split('.')[0]}:{key}", comments.get(key, ""))
+      stage, _, rest = name.partition(".")
+      candidates = (f"{stage}:{rest}", name, f"{stage}:{key}", key)
+      note = next((comments[c] for c in candidates if comments.get(c)), "")
       lines.append(f"{name} = {value!r}" + (f"  # {note}" if note else ""))
   return lines
 
