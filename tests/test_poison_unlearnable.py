@@ -68,6 +68,23 @@ def test_random_noise_budget(data):
   np.testing.assert_array_equal(xp[~data["brain"]], 0.0)
 
 
+def test_classwise_noise_is_one_pattern_per_class(data):
+  xp = np.asarray(ul.classwise_noise(jax.random.PRNGKey(0), data, EPS))
+  u = (xp - data["image"]) / data["range"][:, None, None, :]  # scaled units
+  assert np.abs(u).max() <= EPS + 1e-6
+  np.testing.assert_array_equal(xp[~data["brain"]], 0.0)
+  # unclipped voxels of one class at one (x, y) carry the same noise in every slice; classes differ
+  free = (xp > data["lo"][:, None, None]) & (xp < data["hi"][:, None, None])
+  for k in range(4):
+    sel = (data["label"] == k) & data["brain"] & free.all(axis=-1)
+    n, x, y = np.nonzero(sel)
+    ref = {}
+    for i, a, b in zip(n, x, y):
+      ref.setdefault((a, b), u[i, a, b])
+      np.testing.assert_allclose(u[i, a, b], ref[(a, b)], atol=1e-5)
+    assert np.abs(np.asarray(list(ref.values()))).mean() > 0.99 * EPS
+
+
 def test_minmin_lowers_surrogate_loss(data, surrogate, tmp_path):
   apply_fn, init = surrogate
   tx = optax.adam(3e-3)
@@ -112,3 +129,19 @@ def test_umed_respects_eps_and_roi(data, surrogate, tmp_path, cases):
   back = load_case(dirs[0])
   np.testing.assert_allclose(back.image, prot_cases[0].image, atol=1e-6)
   np.testing.assert_array_equal(back.label, prot_cases[0].label)
+  # and as TFDS (array_record) that load_splits reads back voxel for voxel through the tfds source
+  from mri_poison.data import datasets
+  data_dir = str(tmp_path / "tfds")
+  name = protected_io.write_tfds(data_dir, "umed", prot_cases)
+  cfg = datasets.default_data_config()
+  cfg.update(dict(source="tfds", tfds_name=name, data_dir=data_dir, n_cases=0, n_val=0, shape=(16, 16, 8)))
+  loaded = datasets.load_splits(cfg)["train"]
+  assert name == "brats_protected/umed" and sorted(c.case_id for c in loaded) == sorted(c.case_id for c in cases)
+  by_id = {c.case_id: c for c in prot_cases}
+  for c in loaded:
+    np.testing.assert_array_equal(c.image, by_id[c.case_id].image)
+    np.testing.assert_array_equal(c.label, by_id[c.case_id].label)
+    np.testing.assert_allclose(c.affine, by_id[c.case_id].affine)
+  assert not np.array_equal(loaded[0].image, {c.case_id: c for c in cases}[loaded[0].case_id].image)  # protected
+  with pytest.raises(ValueError, match="config name"):
+    protected_io.write_tfds(data_dir, "UMed!", prot_cases)

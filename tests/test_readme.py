@@ -25,7 +25,7 @@ def paths(tmp_path_factory):
   config = robustify_config.get_config("runlocal")
   config.train.update(dict(steps=2, ckpt_every=2, log_every=1))
   loop.train_model(training._sub_config(config), str(root / "study" / "models" / "undefended"))  # pylint: disable=protected-access
-  return {"/data/BraTS2021": str(root / "brats"), "/tmp/tfds": str(root / "tfds"), "runs/robustify": str(root / "study")}
+  return {"/data/BraTS2021": str(root / "brats"), "/tmp/tfds": str(root / "tfds"), "runs/reproduce/robustify": str(root / "study")}
 
 
 def test_readme_has_the_snippets_we_test():

@@ -2,6 +2,7 @@
 import csv
 import os
 
+import numpy as np
 import pytest
 
 from experiments.configs import unlearnable as config_lib
@@ -17,7 +18,9 @@ def _tiny_config():
   config.train.update(dict(steps=6, log_every=6, ckpt_every=6, warmup_steps=1))
   # UMed and min-min are trained in tests/test_poison_unlearnable.py; here the study's plumbing, on random noise.
   config.protect.update(dict(methods=("none", "random"), fractions=(0.5, 1.0), batch=4, partial_method="random"))
-  config.counter.regimes = ("standard", "purify")
+  config.counter.update(dict(regimes=("standard", "purify"), methods=("random",)))
+  config.protect.sweep_eps = ()  # the budget sweep's and the seed replicates' plan: tested in test_victim_plan
+  config.replicates.methods = ()
   config.eval.update(dict(write_cases=1, slice_batch=4))
   return config
 
@@ -30,6 +33,27 @@ def test_config_variants_resolve():
   assert config_lib.get_config("phantom").data.n_val >= 20
   with pytest.raises(ValueError, match="variant"):
     config_lib.get_config("nope")
+
+
+def test_victim_plan():
+  from mri_poison.studies.unlearnable import study
+  config = config_lib.get_config("phantom")
+  plan = study._victim_plan(config)
+  names = [n for n, *_ in plan]
+  assert len(names) == len(set(names))
+  # counter-measure regimes only against the clean reference and counter.methods; the sweep at its budgets
+  assert {n for n in names if n.endswith("/adversarial")} == {"none/adversarial", "minmin/adversarial",
+                                                               "umed/adversarial"}
+  sweep = [(n, e) for n, m, r, f, e in plan if "@eps=" in n]
+  assert [e for _, e in sweep] == pytest.approx([16 / 255, 64 / 255])
+  assert all(n.startswith("classwise@eps=") for n, _ in sweep)
+  assert ("umed@0.5/standard", "umed", "standard", 0.5, 4 / 255) in plan
+  # training-seed replicates of the clean reference and of UMed
+  assert {n for n in names if "@seed=" in n} == {"none/standard@seed=1", "none/standard@seed=2",
+                                                 "umed/standard@seed=1", "umed/standard@seed=2"}
+  config.protect.sweep_eps = (4 / 255,)
+  with pytest.raises(ValueError, match="sweep_eps"):
+    study._check_config(config)
 
 
 def test_tiny_study_end_to_end(tmp_path):
@@ -56,6 +80,17 @@ def test_tiny_study_end_to_end(tmp_path):
     primary = [r for r in csv.DictReader(f) if r["family"] == "primary"]
   assert len(primary) == 1 and all(float(r["p_holm"]) >= float(r["p_value"]) for r in primary)
   assert os.path.isdir(os.path.join(workdir, "protected", "random", cases[0].case_id))
+  # the whole protected split also as TFDS, read back through load_splits (same voxels as the NIfTI copy)
+  from mri_poison.data import datasets
+  from mri_poison.data.loaders import load_case
+  cfg = datasets.default_data_config()
+  cfg.update(dict(source="tfds", tfds_name="brats_protected/random", data_dir=os.path.join(workdir, "protected_tfds"),
+                  n_cases=0, n_val=0, shape=(16, 16, 6)))
+  via_tfds = {c.case_id: c for c in datasets.load_splits(cfg)["train"]}
+  assert sorted(via_tfds) == sorted(c.case_id for c in cases[:3])
+  nifti = load_case(os.path.join(workdir, "protected", "random", cases[0].case_id))
+  np.testing.assert_allclose(via_tfds[cases[0].case_id].image, nifti.image, atol=1e-6)
+  assert headline["shortcut"]["random/standard"]["train_protected_dice"] >= 0.0
   text = open(os.path.join(workdir, "report.md")).read()
   assert "Findings and caveats" in text and "50.03" in text and "exploratory" in text
   # A rerun reuses every model and cell (the table is unchanged, nothing is retrained).

@@ -65,7 +65,7 @@ def _toy_sizes(config) -> None:
   r.data.update(dict(n_cases=6, n_val=2, phantom_shape=(16, 16, 16), shape=(16, 16, 16), patch_shape=(16, 16, 16)))
   r.model.features = (4, 8)
   r.train.update(dict(steps=6, warmup_steps=1, log_every=3, ckpt_every=6))
-  r.attack.update(dict(attacks=("fgsm", "ifgsm"), eps=(0.2,), steps=2))
+  r.attack.update(dict(attacks=("fgsm",), eps=(0.2,), steps=2))
   r.eval.update(dict(reference_eps=0.2, example_eps=0.2, example_attack="fgsm", n_volumes=1))
 
   p = config.poison
@@ -86,15 +86,19 @@ def _toy_sizes(config) -> None:
   d.arm2d.generator_steps = 4
   d.generator.features = (4, 8)
   d.deform.steps = 4
-  d.attack.update(dict(deltas=(0.1,), eps=(0.3,), gradient_steps=2))
+  d.attack.update(dict(deltas=(0.1,), eps=(0.3,), gradient_attacks=("pgd",), gradient_steps=2))
+  d.generator.enabled = False  # the generator and the defence have their own tests (tests/test_studies_deform.py)
+  d.defence.arms = ()
 
   u = config.unlearnable
   u.data.update(dict(n_cases=6, n_val=2, phantom_shape=(24, 24, 24), shape=(16, 16, 16), patch_shape=(16, 16)))
   for m in (u.model, u.surrogate):
     m.features = (4, 8)
   u.train.update(dict(steps=6, warmup_steps=1, log_every=3, ckpt_every=6))
+  u.protect.methods = ("none", "random", "umed")
   u.protect.minmin.update(dict(steps=3, inner_steps=2))
-  u.protect.umed.update(dict(steps=4))
-  u.protect.fractions = (1.0,)
-  u.counter.regimes = ("standard", "purify")
+  u.protect.umed.update(dict(steps=4, surrogate_warmup=0))
+  u.protect.update(dict(fractions=(1.0,), sweep_eps=()))
+  u.replicates.methods = ()
+  u.counter.update(dict(regimes=("standard", "purify"), methods=("umed",)))
   u.eval.write_cases = 1

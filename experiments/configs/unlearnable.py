@@ -6,10 +6,16 @@ Run (from the repository root; re-running the same command on the same workdir r
   python -m experiments.unlearnable --config experiments/configs/unlearnable.py:brats --workdir runs/unlearnable_brats \
       --config.data.root=/data/BraTS2021
 Any field can be overridden, e.g. --config.protect.eps=0.0157 --config.protect.umed.steps=1000.
-Outputs: workdir/report.md (start there), results/*.csv, figures/*.png, protected/<method>/ (NIfTI), models/*.
+Outputs: workdir/report.md (start there), results/*.csv, figures/*.png, protected/<method>/ (NIfTI),
+protected_tfds/brats_protected/<method>/ (TFDS array_record, --config.data.source=tfds reads it), models/*.
+
+On the phantom, UMed (and min-min, and class-wise noise up to 16/255) does NOT lower the victim's clean-test Dice:
+the tumour contrast is tens of budgets, so no budget-sized shortcut beats the real feature (report.md: shortcut
+check, surrogate fit, budget sweep). Whether UMed works on BraTS is what the brats variant is for.
 
 Variants:
   runlocal  CPU, a few minutes on 2 cores: 10 phantom heads (24^3 grid, 2D slices), 4 test cases, short runs.
+            n < 20: every comparison is exploratory (a smoke test of the whole protocol).
   phantom   (default) CPU, about 10 minutes on 2 cores: 36 phantom heads (32^3), 20 clean test cases.
   brats     GPU: BraTS folder at --config.data.root, whole 2D axial slices of a 128^3 grid, 50 test cases,
             long protection and victim runs (UMed at the reference lr 1e-4). Not run here.
@@ -51,18 +57,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.protect = unlearnable.default_config()
   config.protect.minmin.update(dict(steps=100, lr=3e-3))  # [ours] CPU-sized: every record is visited ~4 times
-  config.protect.umed.update(dict(
-      lr=1e-3, surrogate_lr=1e-3))  # [ours] ref lr 1e-4 needs far longer runs than a CPU variant has
+  # [ours] UMed on CPU: ref lr 1e-4 needs far longer runs than a CPU variant has; with k = 5 [ref] a surrogate
+  # trained from scratch inside 300 steps got 60 updates and stayed at CE + Dice ~2.2 (it never fitted the data),
+  # so it is first trained alone on clean slices for `surrogate_warmup` of the `steps`.
+  config.protect.umed.update(dict(steps=500, surrogate_warmup=200, lr=1e-2, surrogate_lr=3e-3))
   config.protect.update(dict(
-      methods=("none", "random", "minmin", "umed"),  # "none" first: the clean-trained reference
-      fractions=(0.25, 0.5, 0.75, 1.0),  # partial protection of `partial_method` (share of training cases)
-      partial_method="umed"))
+      # "none" first: the clean-trained reference; "classwise": fixed random pattern per label class, the
+      # simplest label-correlated shortcut (sanity check of the mechanism on this data)
+      methods=("none", "random", "classwise", "minmin", "umed"),
+      fractions=(0.5, 1.0),  # partial protection of `partial_method` (share of training cases) [ours]
+      partial_method="umed",
+      # Budget sweep (victims trained on `sweep_method` data at these budgets, [0, 1]-scaled) [ours]: at which
+      # budget does the shortcut start to work on this data, and at what PSNR?
+      sweep_method="classwise", sweep_eps=(16 / 255, 64 / 255)))
+
+  # Training-seed replicates of standard victims [ours]: the spread between victims trained with different seeds
+  # on the same data, against which a protection's effect is judged (CIs over test cases do not contain it).
+  config.replicates = ml_collections.ConfigDict(dict(methods=("none", "umed"), seeds=(1, 2)))
 
   config.counter = ml_collections.ConfigDict(dict(
       regimes=("standard", "adversarial", "augment", "purify"),  # "standard" first
+      methods=("minmin", "umed"),  # protections the non-standard regimes are tried against (and "none") [ours]
       adversarial=dict(adversarial.default_config().to_dict(),
-                       # ratio 0.75: with batch 8 and 4 channels, 0.5 trips defenses.adversarial's eps-shape check
-                       attack="pgd", ratio=0.75, steps=3, step_frac=0.5,
+                       # mix_ratio 0.75: with batch 8 and 4 channels, 0.5 trips defenses.adversarial's eps-shape check
+                       attack="pgd", mix_ratio=0.75, steps=3, step_frac=0.5,
                        eps_scaled=8 / 255),  # [ours] 2x the protection budget (scaled units; z = x median range)
       augment=dict(flip=True, scale=0.2, shift=0.2,  # pipeline flips and per-channel gain / offset [ours]
                    blur_sigma=1.0, blur_prob=0.5),  # Gaussian blur sigma ~ U(0, blur_sigma) with prob [ours]
@@ -70,7 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   sigma=1.0, levels=32)))
   config.eval = ml_collections.ConfigDict(dict(
       slice_batch=8, pad_multiple=4,  # whole-slice prediction of the test volumes
-      write_cases=4))  # protected training cases written as NIfTI per method (-1: all, 0: none)
+      write_cases=4,  # protected training cases written as NIfTI per method (-1: all, 0: none)
+      write_tfds=True))  # the whole protected training split as TFDS brats_protected/<method> (array_record)
 
   d, t, p = config.data, config.train, config.protect
   if variant == "runlocal":
@@ -80,8 +99,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.surrogate.features = (8, 16)
     t.update(dict(steps=80, log_every=20, ckpt_every=80))
     p.minmin.update(dict(steps=40, inner_steps=5))
-    p.umed.update(dict(steps=60))
+    p.umed.update(dict(steps=100, surrogate_warmup=40))
     p.fractions = (0.5, 1.0)
+    p.sweep_eps = (64 / 255,)
+    config.replicates.seeds = (1,)
     config.counter.adversarial.steps = 2
     config.eval.write_cases = 2
   elif variant == "brats":
@@ -92,6 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.update(dict(steps=20000, lr=1e-3, warmup_steps=500, log_every=200, ckpt_every=2000))
     p.update(dict(batch=32))
     p.minmin.update(dict(steps=5000, lr=1e-3))
-    p.umed.update(dict(steps=20000, features=(16, 32, 64), lr=1e-4))  # [ref] lr
+    p.umed.update(dict(steps=20000, surrogate_warmup=2000, features=(16, 32, 64), lr=1e-4,  # [ref] lr
+                       surrogate_lr=1e-3))
+    p.fractions = (0.25, 0.5, 0.75, 1.0)
+    p.sweep_eps = (8 / 255, 16 / 255)
     config.eval.update(dict(slice_batch=32, pad_multiple=16, write_cases=-1))
   return config

@@ -16,17 +16,25 @@ reported).
 Min-min (Huang et al., ICLR 2021), one `fit` state {"surrogate": part, "noise": {"delta", "ema", "done",
 "stopped_at"}}. Each step: inner `attacks.optimize` (sign steps of alpha * eps, projection onto the eps-ball,
 `inner_steps` steps) on the batch's noise minimising the surrogate's CE + Dice, then one surrogate step on the
-protected batch. Stopping criterion: once an exponential moving average (0.9) of the surrogate's loss on
-protected batches is <= `stop_loss`, the surrogate has fitted the protected data and every later step is a
-no-op (`noise.stopped_at` records when). "sample" noise is one tensor per record, on the brain;
-"region" noise is one tensor per label class (K, X, Y, C), applied where the label has that class.
+protected batch. Stopping criterion: once an exponential moving average (0.9) of the surrogate's voxel
+cross-entropy on protected batches is <= `stop_loss`, the surrogate has fitted the protected data and every
+later step is a no-op (`noise.stopped_at` records when). The criterion uses the CE alone: the soft Dice part
+has a floor near 1 on slices without tumour (a class absent from a slice scores Dice ~0 unless the predicted
+probability mass stays below `smooth`), so CE + Dice never falls to a small threshold even for a perfect fit.
+"sample" noise is one tensor per record, on the brain; "region" noise is one tensor per label class
+(K, X, Y, C), applied where the label has that class.
 Noise is stored in scaled units (|u| <= eps) and applied as u * r_c.
+
+Class-wise random noise (`classwise_noise`): the region-wise layout with a FIXED random sign pattern per class
+(K, X, Y, C), no surrogate: the simplest label-correlated shortcut (in classification, class-wise random noise
+alone makes data unlearnable, Huang et al.), so it is the sanity baseline of the mechanism on this data.
 
 UMed (arXiv 2403.14250 as re-implemented by a third party; methods.md study 4), one `fit` state
 {"contour": G_c, "texture": G_t, "surrogate": S}: x_p = clip(x + delta_c + delta_t) with
 delta_c = eps tanh(G_c(x)) C and delta_t = clip(eps tanh(G_t(x)), +-eps LBP(x)) I (models.perturbators);
 both generators minimise the surrogate's CE + Dice on x_p every step, the surrogate minimises the same loss on
-x_p (generators frozen) every k-th step (`lax.cond`). C, I and LBP come from the clean slice and its label.
+x_p (generators frozen) every k-th step (`lax.cond`), after `surrogate_warmup` surrogate-only steps on clean
+batches. C, I and LBP come from the clean slice and its label.
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ from mri_poison.models.perturbators import PerturbatorUNet, contour_delta, textu
 from mri_poison.ops import morphology, texture
 from mri_poison.train import parts as parts_lib
 
-METHODS = ("none", "random", "minmin", "umed")
+METHODS = ("none", "random", "classwise", "minmin", "umed")
 NOISE_MODES = ("sample", "region")
 
 
@@ -59,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
           step_frac=0.125,  # inner step size = step_frac * eps (eps / 8) [Huang et al.]
           steps=200,  # most outer steps [ours]
           lr=1e-3,  # surrogate Adam learning rate [ours]
-          stop_loss=0.1,  # stop when the EMA of the surrogate's CE + Dice on protected batches <= this [ours]
+          stop_loss=0.05,  # stop when the EMA of the surrogate's voxel CE on protected batches <= this [ours]
       ),
       umed=dict(
           steps=300,  # generator steps [ours]
@@ -69,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
           width=3,  # contour band: dilate - erode with a width x width box [ref: w = 3]
           theta=0.5,  # CDC theta [ref]
           features=(8, 16),  # perturbator U-Net widths [ours]
+          surrogate_warmup=0,  # surrogate-only steps on clean data before the bi-level loop (in `steps`) [ours]
       ),
   ))
 
@@ -143,6 +152,15 @@ def random_noise(key, data: dict, eps: float):
   return jnp.clip(image + delta, jnp.asarray(data["lo"])[:, None, None], jnp.asarray(data["hi"])[:, None, None])
 
 
+def classwise_noise(key, data: dict, eps: float, n_classes: int = 4):
+  """Protected images with one fixed random sign pattern per label class: x + eps r_c u_{label} on the brain."""
+  shape = (int(n_classes),) + tuple(np.shape(data["image"])[1:])
+  u = eps * jax.random.rademacher(key, shape, jnp.float32)
+  index = jnp.arange(np.shape(data["image"])[0])
+  return _apply_minmin(u, jnp.asarray(data["image"]), jnp.asarray(data["label"]), jnp.asarray(data["range"]),
+                       jnp.asarray(data["brain"]), jnp.asarray(data["lo"]), jnp.asarray(data["hi"]), index, "region")
+
+
 # ------------------------------------------------------------------------------------------------ min-min
 
 
@@ -197,18 +215,25 @@ def minmin_step_fn(apply_fn, tx, *, batch: int, eps: float, inner_steps: int, st
     u, hist = optimize(objective, u0, update=sign_step(step_frac * eps), steps=inner_steps, project=project)
     delta = delta.at[index].set(u) if mode == "sample" else u
     x_p = jax.lax.stop_gradient(protect(u))
-    loss, grads = jax.value_and_grad(lambda p: jnp.mean(loss_of(p, x_p, b["label"])))(params)
+
+    def surrogate_loss(p):
+      logits = apply_fn(p, x_p, train=True)
+      ce = jnp.mean(losses.cross_entropy(logits, b["label"]))
+      return ce + jnp.mean(losses.soft_dice(logits, b["label"])), ce
+
+    (loss, ce), grads = jax.value_and_grad(surrogate_loss, has_aux=True)(params)
     surrogate = parts_lib.apply_gradients(state["surrogate"], grads, tx)
-    ema = 0.9 * state["noise"]["ema"] + 0.1 * loss
+    ema = 0.9 * state["noise"]["ema"] + 0.1 * ce
     done = ema <= stop_loss
     noise = {"delta": delta, "ema": ema, "done": done,
              "stopped_at": jnp.where(done, state["step"] + 1, state["noise"]["stopped_at"])}
-    metrics = {"loss": loss, "ema": ema, "inner_gain": jnp.mean(hist["objective"][0] - hist["objective"][-1])}
+    metrics = {"loss": loss, "ce": ce, "ema": ema, "inner_gain": jnp.mean(hist["objective"][0] - hist["objective"][-1])}
     return {**state, "surrogate": surrogate, "noise": noise}, metrics
 
   def idle(state, data):
     del data
-    return state, {"loss": state["noise"]["ema"], "ema": state["noise"]["ema"], "inner_gain": jnp.zeros(())}
+    ema = state["noise"]["ema"]
+    return state, {"loss": ema, "ce": ema, "ema": ema, "inner_gain": jnp.zeros(())}
 
   def step(state, unused_batch, data):
     new, metrics = jax.lax.cond(state["noise"]["done"], idle, active, state, data)
@@ -266,14 +291,29 @@ def umed_init(g_c, g_t, surrogate_init, key, data: dict, txs: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def umed_step_fn(g_c, g_t, apply_fn, txs: tuple, *, batch: int, eps: float, k: int):
-  """The bi-level UMed step for `fit`; txs = (contour_tx, texture_tx, surrogate_tx)."""
+def umed_step_fn(g_c, g_t, apply_fn, txs: tuple, *, batch: int, eps: float, k: int, warmup: int = 0):
+  """The bi-level UMed step for `fit`; txs = (contour_tx, texture_tx, surrogate_tx).
+
+  The first `warmup` steps train only the surrogate, on clean batches (generators untouched): with k = 5 a
+  surrogate trained from scratch inside the bi-level loop gets a fifth of the steps and may never fit the data,
+  and then the generators minimise the loss of a barely trained model.
+  """
   tx_c, tx_t, tx_s = txs
 
   def loss_of(params, x, y):
     return jnp.mean(losses.ce_dice(apply_fn(params, x, train=True), y))
 
   def step(state, unused_batch, data):
+    return jax.lax.cond(state["step"] < warmup, warm_step, bilevel_step, state, data)
+
+  def warm_step(state, data):
+    key = jax.random.fold_in(state["rng"], state["step"])
+    b = _gather(data, _sample_index(key, data["image"].shape[0], batch))
+    loss, grads = jax.value_and_grad(loss_of)(state["surrogate"]["params"], b["image"], b["label"])
+    surrogate = parts_lib.apply_gradients(state["surrogate"], grads, tx_s)
+    return {**state, "surrogate": surrogate, "step": state["step"] + 1}, {"loss": loss, "linf_scaled": jnp.zeros(())}
+
+  def bilevel_step(state, data):
     key = jax.random.fold_in(state["rng"], state["step"])
     b = _gather(data, _sample_index(key, data["image"].shape[0], batch))
     s_params = state["surrogate"]["params"]
@@ -334,6 +374,20 @@ def scaled_psnr(clean, protected, value_range) -> float:
   r = np.asarray(value_range, np.float64)
   mse = float(np.mean(((protected - clean) / r) ** 2))
   return float("inf") if mse == 0 else float(-10.0 * np.log10(mse))
+
+
+def surrogate_ce(apply_fn, params, images, labels, chunk: int = 64) -> float:
+  """Mean voxel cross-entropy of a segmenter on slices (N, X, Y, C): has it fitted these (protected) images?"""
+  fn = _ce_fn(apply_fn)
+  n = np.shape(images)[0]
+  total = sum(float(fn(params, jnp.asarray(images[s:s + chunk]), jnp.asarray(labels[s:s + chunk])))
+              for s in range(0, n, chunk))
+  return total / n
+
+
+@functools.lru_cache(maxsize=8)
+def _ce_fn(apply_fn):
+  return jax.jit(lambda p, x, y: jnp.sum(losses.cross_entropy(apply_fn(p, x), y)))
 
 
 def case_range(image) -> np.ndarray:

@@ -44,6 +44,13 @@ def _check_config(config) -> None:
   fractions = tuple(float(f) for f in p.fractions)
   if any(not 0 < f <= 1 for f in fractions):
     raise ValueError(f"config protect.fractions={fractions}: expected fractions in (0, 1]")
+  if any(m not in methods[1:] for m in tuple(config.counter.methods)):
+    raise ValueError(f"config counter.methods={tuple(config.counter.methods)}: expected protections of "
+                     f"protect.methods={methods[1:]}")
+  if any(m not in methods for m in tuple(config.replicates.methods)) or int(config.train.seed) in tuple(
+      int(s) for s in config.replicates.seeds):
+    raise ValueError(f"config replicates: methods {tuple(config.replicates.methods)} must be in protect.methods and "
+                     f"seeds {tuple(config.replicates.seeds)} must differ from train.seed={config.train.seed}")
   if str(p.partial_method) not in methods:
     raise ValueError(f"config protect.partial_method={p.partial_method!r}: must be one of protect.methods")
   if not 0 < float(p.eps) < 1:
@@ -52,6 +59,11 @@ def _check_config(config) -> None:
     raise ValueError("config data.mode: study 4 protects and trains on 2D axial slices; set data.mode='2d'")
   if int(p.umed.k) < 1:
     raise ValueError(f"config protect.umed.k={p.umed.k}: expected >= 1")
+  sweep = tuple(float(e) for e in p.sweep_eps)
+  if any(not 0 < e < 1 for e in sweep) or float(p.eps) in sweep:
+    raise ValueError(f"config protect.sweep_eps={sweep}: expected budgets in (0, 1) other than protect.eps")
+  if sweep and str(p.sweep_method) not in ul.METHODS[1:]:
+    raise ValueError(f"config protect.sweep_method={p.sweep_method!r}: expected one of {ul.METHODS[1:]}")
 
 
 def _sub_config(config, name: str, train: dict | None = None, data: dict | None = None, **extra):
@@ -90,39 +102,56 @@ def _protect_config(config, name, steps, **extra):
   return sub
 
 
-def protect(method: str, config, workdir: str, data: dict) -> tuple[np.ndarray, dict]:
-  """(protected slice images (N, X, Y, C), info) for `method`; trained protections are resumable fit runs."""
+def protection_name(method: str, eps: float, config) -> str:
+  """`method` at the study budget, `method@eps=<eps>` at another budget (a budget-sweep protection)."""
+  return method if float(eps) == float(config.protect.eps) else f"{method}@eps={float(eps):.4g}"
+
+
+def protect(method: str, config, workdir: str, data: dict, eps: float | None = None) -> tuple[np.ndarray, dict]:
+  """(protected slice images (N, X, Y, C), info) for `method` at `eps` (default protect.eps); trained
+  protections are resumable fit runs in workdir/protect/<protection_name>."""
   p = config.protect
-  eps = float(p.eps)
+  eps = float(p.eps) if eps is None else float(eps)
   key = jax.random.PRNGKey(int(p.seed))
   shape = np.shape(data["image"])[1:]
+  run_dir = os.path.join(workdir, "protect", protection_name(method, eps, config))
   if method == "none":
     return np.asarray(data["image"]), {}
   if method == "random":
     return np.asarray(ul.random_noise(jax.random.fold_in(key, 1), data, eps)), {}
+  if method == "classwise":
+    return np.asarray(ul.classwise_noise(jax.random.fold_in(key, 4), data, eps, int(config.model.out_channels))), {}
   device_data = {k: jnp.asarray(v) for k, v in data.items()}
   model, surrogate_init = _surrogate_init(config, shape)
   apply_fn = state_lib.make_apply_fn(model)
+
+  def fitted(params, images):  # did the surrogate fit the protected data better than the clean data?
+    return {"surrogate_ce_protected": ul.surrogate_ce(apply_fn, params, images, data["label"]),
+            "surrogate_ce_clean": ul.surrogate_ce(apply_fn, params, data["image"], data["label"])}
+
   if method == "minmin":
     m = p.minmin
     tx = optax.adam(float(m.lr))
     init = ul.minmin_init(surrogate_init, jax.random.fold_in(key, 2), data, tx, str(m.mode))
     step = ul.minmin_step_fn(apply_fn, tx, batch=int(p.batch), eps=eps, inner_steps=int(m.inner_steps),
                              step_frac=float(m.step_frac), stop_loss=float(m.stop_loss), mode=str(m.mode))
-    state = trainer.fit(_protect_config(config, method, int(m.steps)), os.path.join(workdir, "protect", method),
+    state = trainer.fit(_protect_config(config, method, int(m.steps)), run_dir,
                         init_state=init, step_fn=step, step_args=(device_data,))
     images = np.asarray(ul.minmin_protect(state, data, str(m.mode)))
-    return images, {"stopped_at": int(state["noise"]["stopped_at"]), "final_ema": float(state["noise"]["ema"])}
+    return images, {"stopped_at": int(state["noise"]["stopped_at"]), "final_ema_ce": float(state["noise"]["ema"]),
+                    **fitted(state["surrogate"]["params"], images)}
   if method == "umed":
     u = p.umed
     g_c, g_t = ul.perturbators(u, int(shape[-1]))
     txs = (optax.adam(float(u.lr)), optax.adam(float(u.lr)), optax.adam(float(u.surrogate_lr)))
     init = ul.umed_init(g_c, g_t, surrogate_init, jax.random.fold_in(key, 3), data,
                         dict(zip(("contour", "texture", "surrogate"), txs)))
-    step = ul.umed_step_fn(g_c, g_t, apply_fn, txs, batch=int(p.batch), eps=eps, k=int(u.k))
-    state = trainer.fit(_protect_config(config, method, int(u.steps)), os.path.join(workdir, "protect", method),
+    step = ul.umed_step_fn(g_c, g_t, apply_fn, txs, batch=int(p.batch), eps=eps, k=int(u.k),
+                           warmup=int(u.surrogate_warmup))
+    state = trainer.fit(_protect_config(config, method, int(u.steps)), run_dir,
                         init_state=init, step_fn=step, step_args=(device_data,))
-    return ul.umed_protect(g_c, g_t, state, data, eps), {}
+    images = ul.umed_protect(g_c, g_t, state, data, eps)
+    return images, fitted(state["surrogate"]["params"], images)
   raise ValueError(f"unknown protection {method!r}: expected one of {ul.METHODS}")
 
 
@@ -147,21 +176,38 @@ def quality(cases, protected_cases, width: int) -> dict[str, list[float]]:
 
 
 def _write_protected(workdir, config, protected, train_digest) -> dict[str, str]:
-  """The protected training splits as BraTS NIfTI folders (protected/<method>/; eval.write_cases of them)."""
+  """The protected training splits: BraTS NIfTI folders protected/<method>/ (eval.write_cases of them) and, with
+  eval.write_tfds, the whole split as TFDS `brats_protected/<method>` under protected_tfds/ (array_record)."""
   k = int(config.eval.write_cases)
   out = {}
   for m, cases in protected.items():
-    if m == "none" or k == 0:
+    if m == "none":
       continue
-    chosen = cases if k < 0 else cases[:k]
-    root = os.path.join(workdir, "protected", m)
-    depends_on = {"data": common.tree_digest([c.image for c in chosen]), "ids": [c.case_id for c in chosen],
-                  "train": train_digest}
-    files_exist = lambda r: all(os.path.isdir(os.path.join(workdir, d)) for d in r)
-    common.cached_stage(os.path.join(workdir, "results", "stages", f"protected_{m}.json"), depends_on,
-                        lambda: [os.path.relpath(d, workdir) for d in protected_io.write_brats_folder(root, chosen)],
-                        valid=files_exist)
-    out[m] = os.path.relpath(root, workdir)
+    if k != 0:
+      chosen = cases if k < 0 else cases[:k]
+      root = os.path.join(workdir, "protected", m)
+      depends_on = {"data": common.tree_digest([c.image for c in chosen]), "ids": [c.case_id for c in chosen],
+                    "train": train_digest}
+      files_exist = lambda r: all(os.path.isdir(os.path.join(workdir, d)) for d in r)
+      common.cached_stage(os.path.join(workdir, "results", "stages", f"protected_{m}.json"), depends_on,
+                          lambda: [os.path.relpath(d, workdir) for d in protected_io.write_brats_folder(root, chosen)],
+                          valid=files_exist)
+      out[m] = os.path.relpath(root, workdir)
+    if bool(config.eval.get("write_tfds", False)):
+      data_dir = os.path.join(workdir, "protected_tfds")
+      depends_on = {"data": common.tree_digest([c.image for c in cases]), "ids": [c.case_id for c in cases],
+                    "train": train_digest, "format": protected_io.TFDS_NAME}
+      tfds_exists = lambda r: os.path.isfile(os.path.join(workdir, r["path"], "dataset_info.json"))
+
+      def write(m=m, cases=cases, data_dir=data_dir):
+        name = protected_io.write_tfds(data_dir, m, cases)
+        version = os.path.join(data_dir, name, str(protected_io.BratsProtected.VERSION))
+        return {"tfds_name": name, "data_dir": os.path.relpath(data_dir, workdir),
+                "path": os.path.relpath(version, workdir)}
+
+      stage = common.cached_stage(os.path.join(workdir, "results", "stages", f"protected_tfds_{m}.json"),
+                                  depends_on, write, valid=tfds_exists)
+      out[f"{m} (tfds)"] = f"{stage['tfds_name']} in {stage['data_dir']}"
   return out
 
 
@@ -190,13 +236,21 @@ def score(apply_fn, params, test: dict, config) -> dict[str, np.ndarray]:
   return out
 
 
-def _victim_plan(config) -> list[tuple[str, str, str, float]]:
-  """(victim name, protection, regime, fraction protected) of every victim, in training order."""
+def _victim_plan(config) -> list[tuple[str, str, str, float, float]]:
+  """(victim name, protection, regime, fraction protected, eps) of every victim, in training order."""
   p, regimes = config.protect, tuple(config.counter.regimes)
-  plan = [(f"{m}/{r}", m, r, 1.0) for r in regimes for m in tuple(p.methods)]
+  eps = float(p.eps)
+  countered = ("none",) + tuple(config.counter.methods)
+  plan = [(f"{m}/{r}", m, r, 1.0, eps) for r in regimes for m in tuple(p.methods) if r == "standard" or m in countered]
   for f in (float(f) for f in p.fractions):
     if f < 1.0:
-      plan.append((f"{p.partial_method}@{f:g}/standard", str(p.partial_method), "standard", f))
+      plan.append((f"{p.partial_method}@{f:g}/standard", str(p.partial_method), "standard", f, eps))
+  for m in tuple(config.replicates.methods):
+    for seed in (int(s) for s in config.replicates.seeds):
+      plan.append((f"{m}/standard@seed={seed}", m, "standard", 1.0, eps))
+  for e in (float(e) for e in p.sweep_eps):
+    plan.append((f"{protection_name(str(p.sweep_method), e, config)}/standard", str(p.sweep_method), "standard", 1.0,
+                 e))
   return plan
 
 
@@ -236,53 +290,69 @@ def _run(config, workdir, train_cases, test_cases, t_start):
   table = common.CellTable(os.path.join(results, "cells.csv"))
   train_ids = [c.case_id for c in train_cases]
   train_digest = common.tree_digest([c.image for c in train_cases])
+  plan = _victim_plan(config)
 
-  # 1. protections (resumable fit runs) and their quality cells
-  protected, info = {}, {}
+  # 1. protections (resumable fit runs) and their quality cells: each method at eps, the sweep at its budgets
+  protected, info, quality_cells = {}, {}, {}
   t0 = time.perf_counter()
-  for m in methods:
-    logging.info("unlearnable: protecting the training split with %s", m)
-    images, info[m] = protect(m, config, workdir, data)
-    protected[m] = ul.to_volumes(train_cases, data, images)
-    cell = common.make_cell("protection", m, float(p.eps), params=common.tree_digest([c.image for c in protected[m]]),
+  for m, eps in dict.fromkeys([(m, float(p.eps)) for m in methods] + [(mt, e) for _, mt, _, _, e in plan]):
+    name = protection_name(m, eps, config)
+    logging.info("unlearnable: protecting the training split with %s", name)
+    images, info[name] = protect(m, config, workdir, data, eps)
+    protected[name] = ul.to_volumes(train_cases, data, images)
+    cell = common.make_cell("protection", m, eps, params=common.tree_digest([c.image for c in protected[name]]),
                             settings={}, cases=train_ids, version=EVAL_VERSION, data=train_digest)
+    quality_cells[name] = cell
     if cell not in table:
-      table.add(cell, train_ids, quality(train_cases, protected[m], width))
+      table.add(cell, train_ids, quality(train_cases, protected[name], width))
       table.save()
   protect_s = time.perf_counter() - t0
-  written = _write_protected(workdir, config, protected, train_digest)
+  written = _write_protected(workdir, config, {m: protected[m] for m in methods}, train_digest)
 
-  # 2. victims
+  # 2. victims, tested on the clean test split; standard victims also on their own and the clean training data
   apply_fn = state_lib.make_apply_fn(state_lib.make_model(config.model))
   ranges = np.stack([ul.case_range(c.image) for c in train_cases])
   adv_eps_z = float(config.counter.adversarial.eps_scaled) * float(np.median(ranges))
   setups = {r: counter.regime_setup(r, config, apply_fn, adv_eps_z) for r in tuple(config.counter.regimes)}
   test = _test_arrays(test_cases)
-  plan = _victim_plan(config)
-  cells, t0 = {}, time.perf_counter()
+  train_sets = {"train_clean": _test_arrays(train_cases)}
+  cells, shortcut_cells, t0 = {}, {}, time.perf_counter()
   progress = common.Progress(len(plan), name="unlearnable victims", unit="victims")
-  for i, (name, method, regime, fraction) in enumerate(plan):
-    cases = protected[method]
+  for i, (name, method, regime, fraction, eps) in enumerate(plan):
+    cases = protected[protection_name(method, eps, config)]
     if fraction < 1.0:
       cases = _partial_cases(train_cases, cases, fraction, int(p.seed))
     if regime == "purify":
       cases = [counter.purify_case(c, config.counter.purify) for c in cases]
     data_updates, transform, extra = setups[regime]
-    sub = _sub_config(config, name, data=data_updates, protection={"method": method, "fraction": fraction,
-                                                                   "data": common.tree_digest([c.image for c in cases])},
-                      **extra)
+    train_updates = {"seed": int(name.split("@seed=")[1])} if "@seed=" in name else None
+    protection = {"method": method, "fraction": fraction, "data": common.tree_digest([c.image for c in cases])}
+    sub = _sub_config(config, name, train=train_updates, data=data_updates, protection=protection, **extra)
     params = train_loop.train_model(sub, os.path.join(workdir, "models", name.replace("/", "_")), cases=cases,
                                     batch_transform=transform)
-    cell = common.make_cell(name, method, fraction, params=common.tree_digest(params), settings={"regime": regime},
+    digest = common.tree_digest(params)
+    cell = common.make_cell(name, method, fraction, params=digest, settings={"regime": regime},
                             cases=test["case_id"], version=EVAL_VERSION, data=test["digest"])
     if cell not in table:
       table.add(cell, test["case_id"], score(apply_fn, params, test, config))
       table.save()
     cells[name] = cell
+    if regime == "standard" and "@" not in name:
+      # Shortcut check: a victim that learned the protection's shortcut scores well on the protected training
+      # data it saw and badly on the same cases without the perturbation.
+      own = _test_arrays(cases)
+      for split, arrays in (("train_protected", own), ("train_clean", train_sets["train_clean"])):
+        c = common.make_cell(name, method, fraction, params=digest, settings={"regime": regime, "split": split},
+                             cases=arrays["case_id"], version=EVAL_VERSION, data=arrays["digest"])
+        if c not in table:
+          table.add(c, arrays["case_id"], score(apply_fn, params, arrays, config))
+          table.save()
+        shortcut_cells[(name, split)] = c
     progress.update(i + 1)
   victims_s = time.perf_counter() - t0
 
   from mri_poison.studies.unlearnable import report as report_lib
   return report_lib.finish(config, workdir, table, cells, plan, methods, train_ids, test, protected, train_cases,
-                           data, info, written, timings={"protect_s": protect_s, "victims_s": victims_s,
-                                                         "wall_s": time.perf_counter() - t_start})
+                           data, info, written, quality_cells=quality_cells, shortcut_cells=shortcut_cells,
+                           timings={"protect_s": protect_s, "victims_s": victims_s,
+                                    "wall_s": time.perf_counter() - t_start})
