@@ -10,8 +10,8 @@ Any study setting can be overridden under its stage name, e.g. --config.poison.s
 Outputs: workdir/report.md (start there), workdir/<stage>/ (each study's own workdir and report).
 
 Variants:
-  phantom  (default) CPU, about 15 min on 2 cores: each study's `runlocal` variant on the embedded phantom, with
-           n >= 20 held-out cases where that is cheap.
+  phantom  (default) CPU, about 7 min on 2 cores: each study's `runlocal` variant on the embedded phantom, with
+           n = 20 held-out cases in every study.
   test     CPU, well under a minute: every study at toy size (checks that the pipeline runs; numbers mean nothing).
   brats    GPU: every study's `brats` variant on the BraTS folder at --config.data_root (full size, hours).
 Each stage's settings are its study's (experiments/configs/<study>.py); defaults chosen here are marked there.
@@ -54,9 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _main_job_sizes(config) -> None:
-  """Each study's `runlocal` settings, with n >= 20 held-out cases where scoring them is cheap [ours]."""
-  config.poison.data.update(dict(n_cases=32, n_val=20))  # the same 12 training cases as runlocal
-  config.deform.data.update(dict(n_cases=32, n_val=20))
+  """Each study's `runlocal` settings (training sets included) with n = 20 held-out cases [ours]."""
+  config.robustify.data.update(dict(n_cases=30, n_val=20))  # the same 10 training cases as runlocal
+  config.poison.data.update(dict(n_cases=32, n_val=20))  # 12 training cases
+  config.deform.data.update(dict(n_cases=32, n_val=20))  # 12
+  config.unlearnable.data.update(dict(n_cases=26, n_val=20))  # 6
 
 
 def _toy_sizes(config) -> None:
