@@ -18,6 +18,7 @@ The paper's design is not public: every setting here is a default chosen here (s
 """
 import ml_collections
 
+from experiments.configs import base_config
 from mri_poison.attacks import deform
 from mri_poison.data.datasets import default_data_config
 from mri_poison.defenses import deform_augment
@@ -34,12 +35,8 @@ def _arm(mode, shape, patch, batch, features, steps, lr):
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "phantom"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}: expected one of {VARIANTS}")
-  config = ml_collections.ConfigDict()
-  config.variant = variant
-  config.seed = 0
+  config = base_config(arg, VARIANTS)
+  variant = config.variant
 
   config.data = default_data_config()  # shared by the arms; each arm overrides mode/shape/patch/batch
   config.data.update(dict(n_cases=48, n_val=24, phantom_shape=(32, 32, 32), tumour_fraction=0.8, read_threads=1,

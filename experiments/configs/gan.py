@@ -18,6 +18,7 @@ Loss weights and optimiser settings are SANTA's (docs/methods.md, study 1); size
 """
 import ml_collections
 
+from experiments.configs import base_config
 from mri_poison.data.datasets import default_data_config
 
 VARIANTS = ("runlocal", "phantom", "brats")
@@ -85,12 +86,8 @@ def data_section(variant: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "phantom"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}: expected one of {VARIANTS}")
-  config = ml_collections.ConfigDict()
-  config.variant = variant
-  config.seed = 0
+  config = base_config(arg, VARIANTS)
+  variant = config.variant
   config.data = data_section(variant)
   config.gan = gan_section(variant)
   config.eval = ml_collections.ConfigDict(dict(

@@ -19,18 +19,15 @@ are SANTA's (docs/methods.md, study 1).
 """
 import ml_collections
 
+from experiments.configs import base_config
 from experiments.configs import gan as gan_config
 
 VARIANTS = ("runlocal", "phantom", "brats")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "phantom"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}: expected one of {VARIANTS}")
-  config = ml_collections.ConfigDict()
-  config.variant = variant
-  config.seed = 0
+  config = base_config(arg, VARIANTS)
+  variant = config.variant
   config.data = gan_config.data_section(variant)
   config.data.augment = dict(flip=True, scale=0.1, shift=0.1)  # the segmenters' augmentation [ours]
   config.gan = gan_config.gan_section(variant)

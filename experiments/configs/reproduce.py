@@ -18,6 +18,7 @@ Each stage's settings are its study's (experiments/configs/<study>.py); defaults
 """
 import ml_collections
 
+from experiments.configs import base_config
 from experiments.configs import deform as deform_config
 from experiments.configs import poison as poison_config
 from experiments.configs import robustify as robustify_config
@@ -31,12 +32,8 @@ STUDY_VARIANT = {"phantom": "runlocal", "test": "runlocal", "brats": "brats"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "phantom"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}: expected one of {VARIANTS}")
-  config = ml_collections.ConfigDict()
-  config.variant = variant
-  config.seed = 0  # the main job's own; each study keeps the seed of its config (listed in the report)
+  config = base_config(arg, VARIANTS)  # seed: the main job's own; each study keeps its config's (listed in the report)
+  variant = config.variant
   config.stages = ("robustify", "poison", "deform", "unlearnable")  # run order
   config.force = False  # True: delete each stage's folder and compute everything again
   config.data_root = ""  # BraTS folder for the brats variant (copied into every stage's data.root)

@@ -25,6 +25,7 @@ strong as the attack list: keep "margin", "pgd_temp" and "transfer" in it when j
 """
 import ml_collections
 
+from experiments.configs import base_config
 from mri_poison.data.datasets import default_data_config
 from mri_poison.defenses import adversarial
 
@@ -32,12 +33,8 @@ VARIANTS = ("runlocal", "phantom", "brats")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "phantom"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}: expected one of {VARIANTS}")
-  config = ml_collections.ConfigDict()
-  config.variant = variant
-  config.seed = 0
+  config = base_config(arg, VARIANTS)
+  variant = config.variant
 
   config.data = default_data_config()
   config.data.update(dict(mode="3d", fg_fraction=0.5))

@@ -25,6 +25,7 @@ case and channel scaled by its own max - min (so eps x range in z-units).
 """
 import ml_collections
 
+from experiments.configs import base_config
 from mri_poison.data.datasets import default_data_config
 from mri_poison.defenses import adversarial
 from mri_poison.poison import unlearnable
@@ -33,12 +34,8 @@ VARIANTS = ("runlocal", "phantom", "brats")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "phantom"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {arg!r}: expected one of {VARIANTS}")
-  config = ml_collections.ConfigDict()
-  config.variant = variant
-  config.seed = 0
+  config = base_config(arg, VARIANTS)
+  variant = config.variant
 
   config.data = default_data_config()
   config.data.update(dict(

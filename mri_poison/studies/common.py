@@ -82,6 +82,20 @@ def study_workdir(workdir: str, config, *, resumable_keys: Sequence[str], seed: 
       workdir_lib.end_manifest(workdir, manifest, end_step=0, status=status)
 
 
+def train_and_held_out(data_config, splits: dict | None, what: str = "validation cases") -> tuple[list, list]:
+  """(train cases, held-out cases) of `splits` ({"train", "val"}), or of load_splits(data_config) if None.
+
+  Raises one error naming config data.n_val when there is nothing to evaluate on.
+  """
+  if splits is None:
+    from mri_poison.data.datasets import load_splits  # pylint: disable=import-outside-toplevel
+    splits = load_splits(data_config)
+  train, held_out = list(splits["train"]), list(splits["val"])
+  if not held_out:
+    raise ValueError(f"config data.n_val: the study needs {what}")
+  return train, held_out
+
+
 # ------------------------------------------------------------------------------------------------ digests
 
 

@@ -49,12 +49,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   t_start = time.perf_counter()
   _check_config(config)
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
-    if splits is None:
-      from mri_poison.data.datasets import load_splits
-      splits = load_splits(config.data)
-    train, val = list(splits["train"]), list(splits["val"])
-    if not val:
-      raise ValueError("config data.n_val: the study needs validation cases")
+    train, val = common.train_and_held_out(config.data, splits)
     results = os.path.join(workdir, "results")
     source, target = translation.channels(config.gan, config.data.modalities)
 

@@ -71,7 +71,9 @@ def _data_section(rep: markdown.Report, config) -> None:
       "(`mri_poison.data.phantom`): procedural heads with four MR contrasts (T1, T1-Ce, T2, FLAIR; study 1 also "
       "uses a CT-like channel) and a tumour with necrotic core, oedema and enhancing rim, z-scored inside the "
       "brain like BraTS. Phantom numbers show that the code and the statistics work; they are not evidence "
-      "about real tumours. Each study draws its own cases from its seed, so studies do not share patients.")
+      "about real tumours. Every study generates its heads from its `data.seed` (0 in every study here), each at its "
+      "own grid and split sizes, so the studies draw on overlapping procedural heads and are not independent "
+      "replications of one another.")
   rep.table(rows, caption="Splits per study (held out = validation / test cases every number below rests on):")
   small = [r["study"] for r in rows if r["source"] == "phantom" and int(r["held out"]) < 20]
   if small:

@@ -94,17 +94,12 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   _check_config(config)
   # Everything that can fail on bad input (config, workdir, data) fails before the workdir is written to.
   common.check_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS)
-  if splits is None:
-    from mri_poison.data.datasets import load_splits
-    splits = load_splits(config.data)
-  val = list(splits["val"])
+  train, val = common.train_and_held_out(config.data, splits, "at least one validation case")
   if int(config.eval.max_cases):
     val = val[:int(config.eval.max_cases)]
-  if not val:
-    raise ValueError("config data.n_val: the study needs at least one validation case")
   data = _stack(val)
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
-    params = train_models(config, workdir, splits["train"])
+    params = train_models(config, workdir, train)
     return _evaluate_and_report(config, workdir, params, data, val, t_start)
 
 

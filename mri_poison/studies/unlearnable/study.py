@@ -272,12 +272,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   t_start = time.perf_counter()
   _check_config(config)
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
-    if splits is None:
-      from mri_poison.data.datasets import load_splits
-      splits = load_splits(config.data)
-    train_cases, test_cases = list(splits["train"]), list(splits["val"])
-    if not test_cases:
-      raise ValueError("config data.n_val: the study needs clean test cases")
+    train_cases, test_cases = common.train_and_held_out(config.data, splits, "clean test cases")
     return _run(config, workdir, train_cases, test_cases, t_start)
 
 
