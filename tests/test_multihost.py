@@ -1,10 +1,13 @@
-"""Multi-process training (jax.distributed on 127.0.0.1, one CPU device per process) equals one process.
+"""Multi-process jobs (jax.distributed on 127.0.0.1, one CPU device per process) equal one process.
+
+Training:
 
 Three jobs of a tiny 2D U-Net on 8 phantom cases, global batch 4, all through `loop.train_model`:
   one:    1 process, 4 steps, then resumed in the same process to 6 steps.
   two:    2 processes, 4 steps (checkpoints at 2 and 4).
   resume: 1 process resumes `two`'s workdir to 6 steps (a 2-process checkpoint on another process count).
 Each worker records the record indices of the rows it fed to every step and which workdir files it wrote.
+Evaluation: study 2's evaluation cells of one victim, on 1 process and on 2 (batches shared out).
 """
 import json
 import os
@@ -87,10 +90,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start(n, workdir, steps, out):
+def _start(n, *args, worker="_worker"):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
-  code = f"import test_multihost as t; t._worker({str(workdir)!r}, {steps!r}, {str(out)!r})"
+  code = f"import test_multihost as t; t.{worker}(*{tuple(str(a) if isinstance(a, os.PathLike) else a for a in args)!r})"
   port = _free_port()
   procs = []
   for i in range(n):
@@ -166,6 +169,68 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
   assert resumed["seen"] == one["seen"][4:]
   _assert_params_close(resumed["params"]["6"], one["params"]["6"])
   assert time.perf_counter() - t0 < 120  # ~30 s on 2 cores
+
+
+def _eval_config():
+  from experiments.configs.robustify import get_config
+  config = get_config("runlocal")
+  config.model.features = (4, 8)
+  config.attack.update(dict(attacks=("fgsm", "pgd", "targeted_margin"), eps=(0.1, 0.5), steps=2, batch=2))
+  return config
+
+
+def _eval_worker(out):
+  """One process of an evaluation job: a random-init victim's cells on 5 cases in batches of 2 -> out-<p>.json."""
+  from experiments import launch_utils
+  launch_utils.init_processes(multiprocess=int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1)
+  import jax
+  from mri_poison.data.phantom import make_case
+  from mri_poison.studies import common
+  from mri_poison.studies.robustify import evaluation
+  from mri_poison.studies.robustify import study
+  from mri_poison.train import state as state_lib
+  config = _eval_config()
+  data = study._stack([make_case(100 + seed, shape=(16, 16, 16)) for seed in range(5)])
+  params = state_lib.make_model(config.model).init(jax.random.PRNGKey(0), data["image"][:1])["params"]
+  sums, seen = [float(x.sum()) for x in data["image"]], []
+  perceptibility = evaluation._perceptibility  # called on the clean volumes of every attacked batch
+
+  def recording(x, x_adv):
+    seen.extend(sums.index(float(v.sum())) for v in np.asarray(x))
+    return perceptibility(x, x_adv)
+
+  evaluation._perceptibility = recording
+  p, key = jax.process_index(), jax.random.PRNGKey(3)
+  table = common.CellTable(f"{out}-cells-{p}.csv")
+  done = evaluation.evaluate_victim(table, "undefended", params, data, config, key,
+                                    source={"params": params, "key": key, "digest": "source"})
+  gathered = common.allgather_json({"process": p, "text": "x" * (1000 * p), "values": [0.1, float("nan")]})
+  with open(f"{out}-{p}.json", "w") as f:
+    json.dump({"seen": sorted(set(seen)), "cells": len(done), "rows": table.rows(), "gathered": gathered}, f)
+
+
+def test_two_processes_share_out_evaluation_cells(tmp_path):
+  one_procs = _start(1, tmp_path / "one", worker="_eval_worker")
+  two_procs = _start(2, tmp_path / "two", worker="_eval_worker")
+  _wait(two_procs)
+  _wait(one_procs)
+  (one,), two = _load(tmp_path / "one", 1), _load(tmp_path / "two", 2)
+  # 3 batches of (2, 2, 1) cases: batches 0 and 2 on process 0, batch 1 on process 1.
+  assert one["seen"] == [0, 1, 2, 3, 4]
+  assert two[0]["seen"] == [0, 1, 4] and two[1]["seen"] == [2, 3]
+  # Clean + (fgsm, pgd, targeted_margin, random sign) x 2 eps, every value on both processes, equal to 1 process.
+  assert one["cells"] == two[0]["cells"] == two[1]["cells"] == 9
+  drop = lambda rows: [{k: v for k, v in r.items() if k != "value"} for r in rows]
+  values = lambda rows: np.asarray([r["value"] for r in rows], np.float64)
+  assert len(one["rows"]) > 9 * 5 * 6
+  for r in two:
+    assert drop(r["rows"]) == drop(one["rows"])
+    np.testing.assert_array_equal(values(r["rows"]), values(one["rows"]))  # bit-exact, NaN where NaN
+  assert os.path.exists(tmp_path / "two-cells-0.csv") and not os.path.exists(tmp_path / "two-cells-1.csv")
+  # allgather_json: unequal sizes, NaN kept, the same list on every process.
+  for r in two:
+    assert [g["process"] for g in r["gathered"]] == [0, 1] and len(r["gathered"][1]["text"]) == 1000
+    assert r["gathered"][0]["values"][0] == 0.1 and np.isnan(r["gathered"][1]["values"][1])
 
 
 def test_legacy_per_process_data_states(tmp_path):

@@ -96,6 +96,23 @@ def test_cell_table_names_a_bad_file(tmp_path):
     common.CellTable(str(path))
 
 
+def test_map_case_batches_concatenates_in_case_order_exactly():
+  seen = []
+  x = np.random.default_rng(0).normal(size=7).astype(np.float32)
+
+  def compute(sl):
+    seen.append((sl.start, sl.stop))
+    return {"value": x[sl], "by_eps": {"0": (x[sl] * 2).tolist(), "1": [float("nan")] * (sl.stop - sl.start)}}
+
+  out = common.map_case_batches(7, 3, compute)
+  assert seen == [(0, 3), (3, 6), (6, 7)]  # one process: every batch, in order
+  assert out["value"] == [float(v) for v in x]  # float32 -> float, exactly, through JSON
+  assert out["by_eps"]["0"] == [float(v) * 2 for v in x] and all(np.isnan(out["by_eps"]["1"]))
+  assert common.map_case_batches(0, 3, compute) == {}
+  assert common.case_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+  assert common.own_batches(3) == [0, 1, 2]
+
+
 def test_cached_stage_reuses_until_its_inputs_or_files_change(tmp_path):
   path = str(tmp_path / "stages" / "example.json")
   calls = []

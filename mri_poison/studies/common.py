@@ -18,6 +18,11 @@ each addition and readable with csv or pandas elsewhere. `missing(cells)` says w
 computed, so adding one eps, one attack or one victim to a finished study computes only the new cells. Cells
 whose settings are no longer in the config stay in the table (a later run with those settings reuses them);
 select the current ones by key (`rows(cells=...)`).
+
+Processes: in a multi-process job (`jax.distributed`) a study's cells are computed by all processes together:
+`map_case_batches` hands batch i of the held-out cases to process i mod P and gathers the per-case values on
+every process (exactly: they cross as JSON text), so a cell does not depend on the process count as long as
+its random streams are keyed by batch or case (the studies' are), and only process 0 writes the table.
 """
 from __future__ import annotations
 
@@ -155,6 +160,61 @@ def cached_stage(path: str, depends_on: Any, compute: Callable[[], Any], *,
   if workdir_lib.is_writer():
     io_utils.write_json(path, {"key": key, "depends_on": depends_on, "result": result})
   return result
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+def case_batches(n: int, size: int) -> list[slice]:
+  """Consecutive slices of `size` cases (the last may be shorter) covering n cases."""
+  return [slice(start, min(start + size, n)) for start in range(0, n, max(int(size), 1))]
+
+
+def own_batches(n_batches: int) -> list[int]:
+  """The batch indices this process computes in `map_case_batches`: i with i mod P == process index."""
+  return list(range(jax.process_index(), n_batches, jax.process_count()))
+
+
+def allgather_json(obj) -> list:
+  """[obj of process 0, obj of process 1, ...] on every process, for a JSON-able obj (numpy allowed).
+
+  A collective (every process must call it). Floats survive exactly (JSON writes the shortest repr that reads
+  back to the same double); NaN and inf too. No pickle crosses processes.
+  """
+  text = json.dumps(obj, default=_to_json)
+  if jax.process_count() == 1:
+    return [json.loads(text)]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  data = np.frombuffer(text.encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(gathered[i, :sizes[i]].tobytes().decode()) for i in range(len(sizes))]
+
+
+def map_case_batches(n: int, size: int, compute: Callable[[slice], Mapping[str, Any]]) -> dict[str, Any]:
+  """Per-case values of n cases, computed `size` cases at a time and shared out over the processes.
+
+  compute(batch slice) -> {name: one value per case of the batch} (or nested dicts of such lists, e.g. one per
+  eps); every batch returns the same names. Batch i runs on process i mod P (`own_batches`); every process gets
+  the lists concatenated in case order. Values come back as JSON types (floats, lists), however many
+  processes: 1 or 64 give equal results.
+  """
+  batches = case_batches(n, size)
+  if not batches:
+    return {}
+  local = {str(i): compute(batches[i]) for i in own_batches(len(batches))}
+  merged = {}
+  for part in allgather_json(local):
+    merged.update(part)
+  return _concat([merged[str(i)] for i in range(len(batches))])
+
+
+def _concat(parts: list):
+  if isinstance(parts[0], dict):
+    return {k: _concat([p[k] for p in parts]) for k in parts[0]}
+  return [v for p in parts for v in p]
 
 
 # ------------------------------------------------------------------------------------------------ cells

@@ -46,10 +46,6 @@ def random_fields(keys, shape, s: deform.Settings) -> dict:
   return jax.vmap(one)(keys)
 
 
-def _batches(n: int, size: int):
-  return [slice(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
-
-
 def _report(apply_fn, params, x, y, z, s, clean, target, steps_used) -> dict:
   ev = deform.evaluate(apply_fn, params, x, y, z, s)
   dice = np.asarray(ev["dice"], np.float64)
@@ -65,9 +61,9 @@ def deform_cell_values(threat: str, budget: float, apply_fn, params, data: dict,
                        batch: int, generator=None) -> dict:
   """Per-case metrics (each (N,)) of one deformation threat at one budget on the held-out arrays."""
   n = data["image"].shape[0]
-  out = {m: [] for m in DEFORM_METRICS}
   keys = case_keys(key, n)
-  for sl in _batches(n, batch):
+
+  def one_batch(sl):
     x, y = jnp.asarray(data["image"][sl]), jnp.asarray(data["label"][sl])
     clean = np.asarray(deform.hard_region_dice(apply_fn(params, x), y), np.float64)
     b = x.shape[0]
@@ -77,11 +73,10 @@ def deform_cell_values(threat: str, budget: float, apply_fn, params, data: dict,
       z, info = deform.attack(apply_fn, params, x, y, delta, keys[sl][0], st)
       target, used = np.asarray(info["target"], np.float64), info["steps_used"]
     elif threat == "random":
-      st, z = s, random_fields(keys[sl], x.shape, s)
+      z = random_fields(keys[sl], x.shape, s)
       target, used = np.full(b, np.nan), np.zeros(b)
     elif threat == "generator":
       gen_model, gen_params = generator
-      st = s
       z = gen_model.apply({"params": gen_params}, x, jnp.full((b,), float(budget)))
       target, used = np.maximum(clean - float(budget), 0.0), np.zeros(b)
     else:
@@ -89,17 +84,16 @@ def deform_cell_values(threat: str, budget: float, apply_fn, params, data: dict,
     # Scored with the base settings whatever the threat's loss/stop (they do not change the transformation), so
     # one compiled scorer serves every threat.
     values = _report(apply_fn, params, x, y, z, s, clean, target, used)
-    for m in DEFORM_METRICS:
-      out[m].extend(np.asarray(values[m], np.float64).reshape(-1))
-  return out
+    return {m: np.asarray(values[m], np.float64).reshape(-1) for m in DEFORM_METRICS}
+
+  return common.map_case_batches(n, batch, one_batch)
 
 
 def gradient_cell_values(threat: str, eps: float, apply_fn, params, data: dict, attack_cfg, key, batch: int) -> dict:
   """Per-case clean and attacked Dice of study 2's i-FGSM / PGD (CE, L-inf in z-score units, brain voxels)."""
-  n = data["image"].shape[0]
-  out = {"dice_clean": [], "dice": []}
   steps, frac = int(attack_cfg.gradient_steps), float(attack_cfg.step_frac)
-  for sl in _batches(n, batch):
+
+  def one_batch(sl):
     x, y = jnp.asarray(data["image"][sl]), jnp.asarray(data["label"][sl])
     brain = jnp.any(x != 0, axis=-1)
     loss = attack_losses.cross_entropy(apply_fn, params, y, brain)
@@ -110,9 +104,10 @@ def gradient_cell_values(threat: str, eps: float, apply_fn, params, data: dict, 
                            mask=brain)
     else:
       raise ValueError(f"unknown gradient threat {threat!r}")
-    out["dice_clean"].extend(np.asarray(deform.hard_region_dice(apply_fn(params, x), y), np.float64))
-    out["dice"].extend(np.asarray(deform.hard_region_dice(apply_fn(params, x_adv), y), np.float64))
-  return out
+    return {"dice_clean": np.asarray(deform.hard_region_dice(apply_fn(params, x), y), np.float64),
+            "dice": np.asarray(deform.hard_region_dice(apply_fn(params, x_adv), y), np.float64)}
+
+  return common.map_case_batches(data["image"].shape[0], batch, one_batch)
 
 
 def threat_settings(threat: str, config) -> dict:

@@ -319,10 +319,6 @@ def victim_cells(victim: str, params_digest: str, key, data: dict, config, *, te
   return cells
 
 
-def _batches(n: int, size: int) -> list[slice]:
-  return [slice(start, min(start + size, n)) for start in range(0, n, size)]
-
-
 def evaluation_cost(cells, config) -> int:
   """Gradient evaluations (x volumes) the given cells take: the progress line's total."""
   return sum(attack_cost(c.threat, config.attack) for c in cells if c.threat != CLEAN)
@@ -349,7 +345,8 @@ def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, co
   victim's random stream; temperature: its training temperature (for `pgd_temp`); source: {"params", "key",
   "digest"} of the undefended model (for `transfer`); params_digest: `victim_digest(config.model, params)` when
   already known. Volumes go in batches of attack.batch; per threat and batch ONE compiled sweep runs over the
-  threat's missing eps.
+  threat's missing eps. In a multi-process job the batches are shared out over the processes
+  (`common.map_case_batches`); the keys are per batch, so the cells equal a 1-process run's.
   """
   acfg = config.attack
   apply_fn = deployed_apply_fn(config)
@@ -361,7 +358,11 @@ def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, co
     return []
   todo_keys = {c.key for c in todo}
   cases = list(data["case_id"])
-  batches = _batches(len(cases), int(acfg.batch))
+  size = int(acfg.batch)
+  # With P processes each computes every P-th batch (common.map_case_batches): its progress line counts its
+  # own batches, scaled to the whole job's work.
+  n_batches = len(common.case_batches(len(cases), size))
+  share = n_batches / max(len(common.own_batches(n_batches)), 1)
   mode = str(acfg.get("eps_mode", "absolute"))
 
   def batch_arrays(sl):
@@ -369,69 +370,73 @@ def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, co
     brain = jnp.asarray(data["brain"][sl])
     return x, y, brain, make_target(str(acfg.target), apply_fn, params, x, y)
 
+  def clean_batch(sl):
+    out = {m: [] for m in PER_CASE_COLUMNS + ("zero_grad_fraction", "saturated_fraction", "tumour_left")}
+    x, y, brain, target = batch_arrays(sl)
+    d, ce, cet = (np.asarray(v)[0] for v in score(params, x[None], y, brain, target))
+    _append_scores(out, d, ce, cet)
+    ce_loss = attack_losses.cross_entropy(apply_fn, params, y, brain)
+    out["zero_grad_fraction"].extend(np.asarray(sanity.gradient_sanity(ce_loss, x, mask=brain)["zero_grad_fraction"]))
+    out["saturated_fraction"].extend(np.asarray(saturation(params, x, brain)))
+    pred = np.asarray(predict(params, x[None]))[0]
+    out["tumour_left"].extend(metrics.targeted_success(pred[i], np.asarray(target[i]), np.asarray(y[i]),
+                                                       np.asarray(brain[i]))["tumour_left"]
+                              for i in range(pred.shape[0]))
+    return out
+
   clean = cells[(CLEAN, 0.0)]
   if clean.key in todo_keys:
-    out = {m: [] for m in PER_CASE_COLUMNS + ("zero_grad_fraction", "saturated_fraction", "tumour_left")}
-    for sl in batches:
-      x, y, brain, target = batch_arrays(sl)
-      d, ce, cet = (np.asarray(v)[0] for v in score(params, x[None], y, brain, target))
-      _append_scores(out, d, ce, cet)
-      ce_loss = attack_losses.cross_entropy(apply_fn, params, y, brain)
-      out["zero_grad_fraction"].extend(np.asarray(sanity.gradient_sanity(ce_loss, x, mask=brain)["zero_grad_fraction"]))
-      out["saturated_fraction"].extend(np.asarray(saturation(params, x, brain)))
-      pred = np.asarray(predict(params, x[None]))[0]
-      out["tumour_left"].extend(metrics.targeted_success(pred[i], np.asarray(target[i]), np.asarray(y[i]),
-                                                         np.asarray(brain[i]))["tumour_left"]
-                                for i in range(pred.shape[0]))
-    table.add(clean, cases, out)
+    table.add(clean, cases, common.map_case_batches(len(cases), size, clean_batch))
     table.save()
+
+  def threat_batch(threat, eps, sl):
+    """{eps index: {metric: per-case values}} of one volume batch under `threat` at every eps of `eps`."""
+    out = {str(i): {m: [] for m in PER_CASE_COLUMNS} for i in range(len(eps))}
+    x, y, brain, target = batch_arrays(sl)
+    scale = eps_scale(data["image"][sl], data["brain"][sl], mode)
+    eps_arr = np.asarray(eps, np.float32).reshape((-1,) + (1,) * scale.ndim) * scale[None]
+    if mode == "absolute":
+      eps_arr = np.asarray(eps, np.float32)  # (E,): the compiled sweeps of the plain grid
+    if threat == "transfer":
+      # The undefended model's own PGD examples: its key, PGD's stream, the same batches (see threat_settings).
+      src_key = jax.random.fold_in(jax.random.fold_in(source["key"], sl.start), STREAMS.index("pgd"))
+      x_adv, _ = attack_volumes("pgd", apply_fn, source["params"], x, y, brain, eps_arr, acfg, src_key, target)
+      hist = None
+    else:
+      # One key per volume batch, the same for every eps (see threat_settings).
+      threat_key = jax.random.fold_in(jax.random.fold_in(key, sl.start), STREAMS.index(threat))
+      x_adv, hist = attack_volumes(threat, apply_fn, params, x, y, brain, eps_arr, acfg, threat_key, target,
+                                   temperature=temperature)
+    d, ce, cet = (np.asarray(v) for v in score(params, x_adv, y, brain, target))
+    x_adv_host = np.asarray(x_adv)
+    if threat in TARGETED:
+      preds = np.asarray(predict(params, x_adv))
+    if hist is not None:
+      traj = np.asarray(hist["loss"]).reshape(len(eps), -1, int(acfg.steps), x.shape[0]).mean(axis=1)  # (E, N, B)
+    for i in range(len(eps)):
+      o = out[str(i)]
+      _append_scores(o, d[i], ce[i], cet[i])
+      o["psnr"], o["ssim"] = _perceptibility(data["image"][sl], x_adv_host[i])
+      if hist is not None:
+        for t in range(traj.shape[1]):
+          o[f"ce_step{t}"] = traj[i, t].tolist()
+      if threat in TARGETED:
+        for j in range(preds.shape[1]):
+          s = metrics.targeted_success(preds[i, j], np.asarray(target[j]), np.asarray(y[j]), np.asarray(brain[j]))
+          for m in SUCCESS_COLUMNS:
+            o.setdefault(m, []).append(s[m])
+    if progress is not None:
+      progress.advance(attack_cost(threat, acfg) * len(eps) * (sl.stop - sl.start) * share,
+                       label=f"{victim}/{threat} eps {eps} volumes {sl.stop}/{len(cases)}")
+    return out
 
   for threat in victim_threats(victim, temperature, acfg.attacks):
     eps = [float(e) for e in acfg.eps if cells[(threat, float(e))].key in todo_keys]
     if not eps:
       continue
-    out = {e: {m: [] for m in PER_CASE_COLUMNS} for e in eps}
-    for sl in batches:
-      x, y, brain, target = batch_arrays(sl)
-      scale = eps_scale(data["image"][sl], data["brain"][sl], mode)
-      eps_arr = np.asarray(eps, np.float32).reshape((-1,) + (1,) * scale.ndim) * scale[None]
-      if mode == "absolute":
-        eps_arr = np.asarray(eps, np.float32)  # (E,): the compiled sweeps of the plain grid
-      if threat == "transfer":
-        # The undefended model's own PGD examples: its key, PGD's stream, the same batches (see threat_settings).
-        src_key = jax.random.fold_in(jax.random.fold_in(source["key"], sl.start), STREAMS.index("pgd"))
-        x_adv, _ = attack_volumes("pgd", apply_fn, source["params"], x, y, brain, eps_arr, acfg, src_key, target)
-        hist = None
-      else:
-        # One key per volume batch, the same for every eps (see threat_settings).
-        threat_key = jax.random.fold_in(jax.random.fold_in(key, sl.start), STREAMS.index(threat))
-        x_adv, hist = attack_volumes(threat, apply_fn, params, x, y, brain, eps_arr, acfg, threat_key, target,
-                                     temperature=temperature)
-      d, ce, cet = (np.asarray(v) for v in score(params, x_adv, y, brain, target))
-      x_adv_host = np.asarray(x_adv)
-      if threat in TARGETED:
-        preds = np.asarray(predict(params, x_adv))
-      if hist is not None:
-        b = sl.stop - sl.start
-        traj = np.asarray(hist["loss"]).reshape(len(eps), -1, int(acfg.steps), b).mean(axis=1)  # (E, N, B)
-      for i, e in enumerate(eps):
-        _append_scores(out[e], d[i], ce[i], cet[i])
-        psnr, ssim = _perceptibility(data["image"][sl], x_adv_host[i])
-        out[e].setdefault("psnr", []).extend(psnr)
-        out[e].setdefault("ssim", []).extend(ssim)
-        if hist is not None:
-          for t in range(traj.shape[1]):
-            out[e].setdefault(f"ce_step{t}", []).extend(traj[i, t])
-        if threat in TARGETED:
-          for j in range(preds.shape[1]):
-            s = metrics.targeted_success(preds[i, j], np.asarray(target[j]), np.asarray(y[j]), np.asarray(brain[j]))
-            for m in SUCCESS_COLUMNS:
-              out[e].setdefault(m, []).append(s[m])
-      if progress is not None:
-        progress.advance(attack_cost(threat, acfg) * len(eps) * (sl.stop - sl.start),
-                         label=f"{victim}/{threat} eps {eps} volumes {sl.stop}/{len(cases)}")
-    for e in eps:
-      table.add(cells[(threat, e)], cases, out[e])
+    out = common.map_case_batches(len(cases), size, functools.partial(threat_batch, threat, eps))
+    for i, e in enumerate(eps):
+      table.add(cells[(threat, e)], cases, out[str(i)])
     table.save()
   return todo
 
@@ -466,7 +471,7 @@ def per_case_rows(table: common.CellTable, cells: dict, victims: Sequence[str], 
     values = {k: {m: dict(zip(case_ids, table.values(c, m, case_ids))) for m in PER_CASE_COLUMNS}
               for k, c in vc.items()}
     own = []
-    for sl in _batches(len(case_ids), int(acfg.batch)):
+    for sl in common.case_batches(len(case_ids), int(acfg.batch)):
       ids = case_ids[sl]
       own += [_row(victim, CLEAN, 0.0, cid, values[(CLEAN, 0.0)]) for cid in ids]
       for threat in threats:
