@@ -113,6 +113,34 @@ def test_map_case_batches_concatenates_in_case_order_exactly():
   assert common.own_batches(3) == [0, 1, 2]
 
 
+def test_cell_shares_partition_the_cells_and_fold_into_one_table(tmp_path):
+  assert common.parse_cells("all") == "all" and common.parse_cells(" none") == "none"
+  assert common.parse_cells("3/8") == (3, 8)
+  for bad in ("8/8", "-1/2", "a/b", "1", ""):
+    with pytest.raises(ValueError, match=f"config eval.cells='{bad.strip()}'"):
+      common.parse_cells(bad)
+  cells = [common.make_cell("v", "pgd", e, params="p", settings={}, cases=["a", "b"], version=1)
+           for e in np.linspace(0.1, 2.0, 40)]
+  path = str(tmp_path / "results" / "cells.csv")
+  shares = [common.CellTable(path, share=(i, 3)) for i in range(3)]
+  todo = [t.missing(cells) for t in shares]
+  assert sorted(c.key for c in sum(todo, [])) == sorted(c.key for c in cells)  # each cell in exactly one share
+  assert all(todo)
+  for t, mine in zip(shares, todo):
+    for c in mine:
+      t.add(c, ["a", "b"], {"dice": [c.budget, -c.budget]})
+    t.save()
+    assert os.path.exists(t.share_path) and not os.path.exists(path)
+  # A share reloads its own cells; every table sees all of them; a full save folds them into the one csv.
+  assert common.CellTable(path, share=(1, 3)).missing(cells) == []
+  full = common.CellTable(path)
+  assert full.missing(cells) == [] and len(full) == 40
+  full.save()
+  assert not any(os.path.exists(t.share_path) for t in shares)
+  reread = common.CellTable(path)
+  np.testing.assert_array_equal(reread.values(cells[7], "dice", ["b", "a"]), [-cells[7].budget, cells[7].budget])
+
+
 def test_cached_stage_reuses_until_its_inputs_or_files_change(tmp_path):
   path = str(tmp_path / "stages" / "example.json")
   calls = []

@@ -205,6 +205,51 @@ def test_extending_by_one_eps_computes_only_the_new_cells(finished_study, tmp_pa
   assert len(rows) == len(kept) + len(robustify.MODELS) * len(threats) * 3 + adaptive
 
 
+def test_array_shares_compute_the_cells_and_a_last_run_reports(finished_study, tmp_path):
+  config, splits, finished, _ = finished_study
+  workdir = tmp_path / "study"
+  shutil.copytree(os.path.join(finished, "models"), workdir / "models")  # trained by an eval.cells=none run
+  shutil.copy(os.path.join(finished, "config.json"), workdir)
+  reference = common.CellTable(os.path.join(finished, "results", "cells.csv"))
+  config = _tiny_config()
+  config.attack.attacks = ("fgsm", "pgd")  # clean + (fgsm, pgd, random sign) x 2 eps, per model: 21 cells
+  keys = []
+  for i in range(2):
+    config.eval.cells = f"{i}/2"
+    out = robustify.run(config, str(workdir), splits=splits)
+    assert out["share"] == [i, 2] and 0 < out["cells_computed"] == out["cells_in_share"]
+    keys.append({r["cell"] for r in _read(workdir / "results" / "shards" / f"{i}-of-2" / "cells.csv")})
+    assert len(keys[-1]) == out["cells_computed"]
+  assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 21
+  assert not os.path.exists(workdir / "results" / "cells.csv") and not os.path.exists(workdir / "report.md")
+  # Each share computed what the full run computed for those cells (same keys: same params, settings, data).
+  merged = common.CellTable(str(workdir / "results" / "cells.csv"))
+  assert len(merged) == 21
+  for key in keys[0] | keys[1]:
+    assert merged.metrics(key) == reference.metrics(key)
+    for m in merged.metrics(key):
+      np.testing.assert_allclose(merged.values(key, m, [c.case_id for c in splits["val"]]),
+                                 reference.values(key, m, [c.case_id for c in splits["val"]]), rtol=1e-6, atol=1e-7)
+  # The last run computes nothing, folds the shares into cells.csv and writes the report.
+  config.eval.cells = "all"
+  headline = robustify.run(config, str(workdir), splits=splits)
+  assert headline["cells_computed"] == 0 and os.path.exists(workdir / "report.md")
+  assert {r["cell"] for r in _read(workdir / "results" / "cells.csv")} == keys[0] | keys[1]
+  assert not any(os.path.exists(workdir / "results" / "shards" / f"{i}-of-2" / "cells.csv") for i in range(2))
+
+
+def test_a_share_needs_trained_models(tmp_path):
+  config = _tiny_config()
+  config.eval.cells = "1/4"
+  with pytest.raises(FileNotFoundError, match="eval.cells='1/4': model undefended is not trained"):
+    robustify.run(config, str(tmp_path / "empty"), splits=_splits(config))
+  for bad in ("4/4", "x", "1/0"):
+    config.eval.cells = bad
+    with pytest.raises(ValueError, match="config eval.cells="):
+      robustify.run(config, str(tmp_path / "empty"), splits=_splits(config))
+  assert os.listdir(tmp_path / "empty") == []
+
+
 def test_training_keys_cannot_change_in_a_finished_workdir(finished_study, tmp_path):
   config, splits, finished, _ = finished_study
   workdir = str(tmp_path / "study")

@@ -8,6 +8,8 @@ Run (from the repository root; re-running the same command on the same workdir r
 Any field can be overridden, e.g. --config.attack.steps=20 --config.distill.temperature=50. Changing
 eval.reference_eps does not move adversarial.eps (the training budget): set both.
 Outputs: workdir/report.md (start there), results/*.csv, figures/*.png, volumes/*.nii.gz, models/*.
+Cells over a SLURM array (launch/cells.sh): --config.eval.cells=none trains, =i/K computes the i-th of K shares
+of the evaluation cells (models trained first), and a last run with the default "all" writes the report.
 
 Variants:
   runlocal  CPU, ~2-3 min on 2 cores: 16^3 phantom volumes, tiny 3D U-Net, a few dozen steps, 4 eps up to 2,
@@ -71,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed=0))
   config.eval = ml_collections.ConfigDict(dict(
       max_cases=0,  # 0: every validation case
+      cells="all",  # "all"; "none": train the models only; "i/K": the i-th of K shares of the cells (array jobs)
       robust_factor=0.5,  # 3D AutoAttack: broken when Dice < factor x clean mean Dice
       reference_eps=0.2,  # eps of the headline tables, the primary comparisons and adversarial training
       collapse_dice=0.1,  # "collapsed" when the adaptive mean Dice at the largest eps is below this

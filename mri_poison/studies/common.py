@@ -19,6 +19,13 @@ computed, so adding one eps, one attack or one victim to a finished study comput
 whose settings are no longer in the config stay in the table (a later run with those settings reuses them);
 select the current ones by key (`rows(cells=...)`).
 
+Shares for array jobs: `parse_cells(config.eval.cells)` reads "all" (the whole study), "none" (train its models,
+evaluate nothing) or "i/K" (the i-th of K shares of the cells: cell c is in share int(c.key, 16) mod K). A
+`CellTable(path, share=(i, K))` computes only the missing cells of its share (`missing`) and saves them to
+shards/<i>-of-<K>/<name> beside `path`; every table loads those shard files too, and a full table's `save` folds
+them into the one csv. So K array tasks fill in a study's cells side by side, and a last "all" run computes
+nothing new and writes the report.
+
 Processes: in a multi-process job (`jax.distributed`) a study's cells are computed by all processes together:
 `map_case_batches` hands batch i of the held-out cases to process i mod P and gathers the per-case values on
 every process (exactly: they cross as JSON text), so a cell does not depend on the process count as long as
@@ -217,6 +224,34 @@ def _concat(parts: list):
   return [v for p in parts for v in p]
 
 
+# ------------------------------------------------------------------------------------------------ shares
+
+
+def parse_cells(spec: str, key: str = "eval.cells") -> str | tuple[int, int]:
+  """"all", "none" or (i, K) from "i/K" (0 <= i < K); one error naming config `key` otherwise."""
+  spec = str(spec).strip()
+  if spec in ("all", "none"):
+    return spec
+  try:
+    i, k = (int(v) for v in spec.split("/"))
+  except ValueError:
+    i, k = -1, 0
+  if not 0 <= i < k:
+    raise ValueError(f"config {key}={spec!r}: expected 'all', 'none' or 'i/K' with 0 <= i < K (e.g. 3/8: the "
+                     "4th of 8 shares of the evaluation cells)")
+  return i, k
+
+
+def in_share(cell: "Cell", share: tuple[int, int]) -> bool:
+  i, k = share
+  return int(cell.key, 16) % k == i
+
+
+def share_dir(path: str, share: tuple[int, int]) -> str:
+  """The folder of one share's cells (and its lock), beside the table's csv."""
+  return os.path.join(os.path.dirname(os.path.abspath(path)), "shards", f"{share[0]}-of-{share[1]}")
+
+
 # ------------------------------------------------------------------------------------------------ cells
 
 
@@ -248,7 +283,8 @@ def _key(cell: Cell | str) -> str:
 
 
 class CellTable:
-  """All evaluation cells of a study: long-form rows in one csv (`CELL_COLUMNS`), loaded on construction.
+  """All evaluation cells of a study: long-form rows in one csv (`CELL_COLUMNS`), loaded on construction
+  together with the cells of every share (shards/*/<name> beside it, see the module doc).
 
   e.g.
     table = CellTable(os.path.join(workdir, "results", "cells.csv"))
@@ -257,18 +293,34 @@ class CellTable:
     table.save()
     table.values(cell, "dice", case_ids)                    # (N,) float64 in the order of case_ids
   A cell is added whole (all its cases and metrics at once), so a cell in the table is a finished cell.
+  With `share=(i, K)` the table computes and saves only its share: `missing` leaves out the other shares'
+  cells and `save` writes the share's cells to `share_dir(path, share)`.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, *, share: tuple[int, int] | None = None):
     self.path = os.fspath(path)
+    self.share = share
     self._rows: dict[str, list[dict]] = {}  # cell key -> its rows, in insertion order
     self._values: dict[str, dict[tuple[str, str], float]] = {}
-    if os.path.exists(self.path):
-      self._load()
+    self._own: list[str] = []  # with a share: the keys of its cells (loaded from its file or added)
+    self._shard_files = []
+    shards = os.path.join(os.path.dirname(os.path.abspath(self.path)), "shards")
+    if os.path.isdir(shards):
+      self._shard_files = sorted(os.path.join(shards, d, os.path.basename(self.path)) for d in os.listdir(shards)
+                                 if os.path.exists(os.path.join(shards, d, os.path.basename(self.path))))
+    mine = self.share_path if share else None
+    for path in [self.path] + self._shard_files:
+      if os.path.exists(path):
+        self._load(path, own=path == mine)
 
-  def _load(self) -> None:
+  @property
+  def share_path(self) -> str:
+    return os.path.join(share_dir(self.path, self.share), os.path.basename(self.path))
+
+  def _load(self, path: str, *, own: bool) -> None:
+    rows: dict[str, list[dict]] = {}
     try:
-      with open(self.path, newline="") as f:
+      with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != CELL_COLUMNS:
           raise ValueError(f"columns {reader.fieldnames}, expected {list(CELL_COLUMNS)}")
@@ -277,10 +329,15 @@ class CellTable:
             raise ValueError(f"line {i} has {len(r)} fields, expected {len(CELL_COLUMNS)}")
           row = {"victim": r["victim"], "threat": r["threat"], "budget": float(r["budget"]), "case": r["case"],
                  "metric": r["metric"], "value": float(r["value"]), "cell": r["cell"]}
-          self._rows.setdefault(row["cell"], []).append(row)
-          self._values.setdefault(row["cell"], {})[(row["case"], row["metric"])] = row["value"]
+          rows.setdefault(row["cell"], []).append(row)
     except (OSError, ValueError, csv.Error) as e:
-      raise ValueError(f"evaluation cells {self.path}: cannot read it ({e}); delete it to recompute every cell")
+      raise ValueError(f"evaluation cells {path}: cannot read it ({e}); delete it to recompute its cells")
+    for key, cell_rows in rows.items():
+      if own:
+        self._own.append(key)
+      if key not in self._rows:  # a cell in the main csv and a shard file: the same finished cell
+        self._rows[key] = cell_rows
+        self._values[key] = {(r["case"], r["metric"]): r["value"] for r in cell_rows}
 
   def __contains__(self, cell: Cell | str) -> bool:
     return _key(cell) in self._rows
@@ -289,9 +346,11 @@ class CellTable:
     return len(self._rows)
 
   def missing(self, cells: Iterable[Cell]) -> list[Cell]:
-    """The cells not in the table yet, in the given order (duplicates once)."""
+    """The cells not in the table yet (of its share, if it has one), in the given order (duplicates once)."""
     out, seen = [], set()
     for c in cells:
+      if self.share and not in_share(c, self.share):
+        continue
       if c.key not in self._rows and c.key not in seen:
         out.append(c)
         seen.add(c.key)
@@ -315,6 +374,7 @@ class CellTable:
             for i, case in enumerate(cases) for name, v in values.items()]
     self._rows[cell.key] = rows
     self._values[cell.key] = {(r["case"], r["metric"]): r["value"] for r in rows}
+    self._own.append(cell.key)
 
   def values(self, cell: Cell | str, metric: str, cases: Sequence[str]) -> np.ndarray:
     """(len(cases),) float64 values of `metric` in the order of `cases`; KeyError naming what is absent."""
@@ -342,9 +402,19 @@ class CellTable:
     return out
 
   def save(self) -> None:
-    """Rewrites the csv atomically (process 0 only)."""
-    if workdir_lib.is_writer():
-      io_utils.write_csv(self.path, (r for rows in self._rows.values() for r in rows), fieldnames=list(CELL_COLUMNS))
+    """Rewrites the csv atomically (process 0 only): every cell, after which the shard files it read are
+    removed (their cells are in the csv now); with a share, only the share's cells to its own file."""
+    if not workdir_lib.is_writer():
+      return
+    if self.share:
+      io_utils.write_csv(self.share_path, (r for k in dict.fromkeys(self._own) for r in self._rows[k]),
+                         fieldnames=list(CELL_COLUMNS))
+      return
+    io_utils.write_csv(self.path, (r for rows in self._rows.values() for r in rows), fieldnames=list(CELL_COLUMNS))
+    for path in self._shard_files:
+      if os.path.exists(path):
+        os.remove(path)
+    self._shard_files = []
 
 
 def _equal(a, b) -> bool:

@@ -21,7 +21,8 @@ from mri_poison.studies.robustify import evaluation as ev
 from mri_poison.studies.robustify.evaluation import (ATTACKS, DICE_COLUMNS, EPS_MODES, EVAL_VERSION, NOISE, TARGETS,
                                                      attack_volumes, make_scorer, make_target)
 from mri_poison.studies.robustify.report import write_report
-from mri_poison.studies.robustify.training import MODELS, train_models
+from mri_poison.studies.robustify.training import MODELS, train_models, trained_models
+from mri_poison.train import workdir as workdir_lib
 
 # What may change between runs of one workdir: the attacks and the evaluation only add evaluation cells (or
 # reuse them); everything else would change the trained models.
@@ -57,6 +58,7 @@ def _check_config(config) -> None:
     window = tuple(config.eval.get("window", ()) or config.data.patch_shape)
     if len(window) != len(tuple(config.data.shape)) or min(int(w) for w in window) < 1:
       raise ValueError(f"config eval.window={window}: expected one positive size per axis of data.shape")
+  common.parse_cells(config.eval.get("cells", "all"), "eval.cells")
   if str(config.eval.example_attack) not in ATTACKS or str(config.eval.example_attack) in ("transfer", "pgd_temp"):
     raise ValueError(f"config eval.example_attack={config.eval.example_attack!r}: expected one of {ATTACKS} "
                      "other than transfer and pgd_temp")
@@ -89,6 +91,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   `splits` ({"train": [Case], "val": [Case]}) overrides `load_splits(config.data)` (notebooks, tests). A rerun
   on the same workdir reuses the trained models and every evaluation cell already computed; a rerun with other
   attack.* / eval.* settings (another eps, attack or split size) computes only the cells it lacks.
+  eval.cells="none" stops after training; "i/K" computes one share of the cells (`_run_share`).
   """
   t_start = time.perf_counter()
   _check_config(config)
@@ -98,14 +101,64 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   if int(config.eval.max_cases):
     val = val[:int(config.eval.max_cases)]
   data = _stack(val)
+  cells = common.parse_cells(config.eval.get("cells", "all"), "eval.cells")
+  if isinstance(cells, tuple):
+    return _run_share(config, workdir, data, cells, t_start)
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
     params = train_models(config, workdir, train)
+    if cells == "none":
+      logging.info("robustify: models trained; eval.cells=none, so nothing is evaluated")
+      return {"trained": sorted(params), "wall_seconds": time.perf_counter() - t_start}
     return _evaluate_and_report(config, workdir, params, data, val, t_start)
+
+
+def _run_share(config, workdir, data, share, t_start) -> dict:
+  """One array task: the missing cells of share (i, K) into results/shards/<i>-of-<K>/cells.csv.
+
+  Reads the trained models without locking the workdir (the K tasks run side by side), holds only its share's
+  lock, and writes no config, manifest or report: a last run with eval.cells="all" folds the shares into
+  results/cells.csv (computing whatever is still missing) and writes the report.
+  """
+  workdir = common.check_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS)
+  params = trained_models(config, workdir)
+  table = common.CellTable(os.path.join(workdir, "results", "cells.csv"), share=share)
+  os.makedirs(common.share_dir(table.path, share), exist_ok=True)
+  with workdir_lib.lock(common.share_dir(table.path, share)):
+    todo, cells, _, eval_s = _evaluate(config, params, data, table)
+  logging.info("robustify: share %d/%d: %d cells computed in %.0f s into %s", *share, len(todo), eval_s,
+               table.share_path)
+  return {"share": list(share), "cells_computed": len(todo), "cells_in_share": sum(
+      common.in_share(c, share) for v in cells.values() for c in v.values()),
+          "eval_seconds": eval_s, "wall_seconds": time.perf_counter() - t_start}
 
 
 def temperatures(config) -> dict[str, float]:
   """Each compared model's training temperature (what `pgd_temp` divides its logits by)."""
   return {m: float(config.distill.temperature) if m == "distilled" else 1.0 for m in MODELS}
+
+
+def _evaluate(config, params, data, table):
+  """Computes every victim's cells missing from `table` (its share's, if it has one).
+
+  Returns (the cells computed, {victim: {(threat, eps): cell}}, {victim: params digest}, seconds).
+  """
+  temps, n = temperatures(config), data["image"].shape[0]
+  # The victims' random streams are numbered by their place in MODELS.
+  key = jax.random.PRNGKey(int(config.attack.seed))
+  keys = {m: jax.random.fold_in(key, i) for i, m in enumerate(MODELS)}
+  digests = {m: ev.victim_digest(config.model, params[m]) for m in MODELS}
+  source = {"params": params[ev.SOURCE], "key": keys[ev.SOURCE], "digest": digests[ev.SOURCE]}
+  cells = {m: ev.victim_cells(m, digests[m], keys[m], data, config, temperature=temps[m], source=source)
+           for m in MODELS}
+  todo = [c for m in MODELS for c in table.missing(cells[m].values())]
+  logging.info("robustify: %d of %d evaluation cells to compute (%s)", len(todo),
+               sum(len(c) for c in cells.values()), table.share_path if table.share else table.path)
+  progress = common.Progress(ev.evaluation_cost(todo, config) * n, name="robustify eval", unit="volume-gradients")
+  t_eval = time.perf_counter()
+  for m in MODELS:
+    ev.evaluate_victim(table, m, params[m], data, config, keys[m], temperature=temps[m], source=source,
+                       params_digest=digests[m], progress=progress)
+  return todo, cells, digests, time.perf_counter() - t_eval
 
 
 def _evaluate_and_report(config, workdir, params, data, val_cases, t_start) -> dict:
@@ -115,24 +168,9 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start) -> d
   results = os.path.join(workdir, "results")
   temps = temperatures(config)
 
-  # The victims' random streams are numbered by their place in MODELS.
-  key = jax.random.PRNGKey(int(acfg.seed))
-  keys = {m: jax.random.fold_in(key, i) for i, m in enumerate(MODELS)}
-  digests = {m: ev.victim_digest(config.model, params[m]) for m in MODELS}
-  source = {"params": params[ev.SOURCE], "key": keys[ev.SOURCE], "digest": digests[ev.SOURCE]}
-  cells = {m: ev.victim_cells(m, digests[m], keys[m], data, config, temperature=temps[m], source=source)
-           for m in MODELS}
   table = common.CellTable(os.path.join(results, "cells.csv"))
-  todo = [c for m in MODELS for c in table.missing(cells[m].values())]
-  logging.info("robustify: %d of %d evaluation cells to compute (%s)", len(todo),
-               sum(len(c) for c in cells.values()), table.path)
-  progress = common.Progress(ev.evaluation_cost(todo, config) * n, name="robustify eval", unit="volume-gradients")
-  t_eval = time.perf_counter()
-  for m in MODELS:
-    ev.evaluate_victim(table, m, params[m], data, config, keys[m], temperature=temps[m], source=source,
-                       params_digest=digests[m], progress=progress)
-  eval_s = time.perf_counter() - t_eval
-
+  todo, cells, digests, eval_s = _evaluate(config, params, data, table)
+  table.save()  # folds in the cells of array tasks (results/shards/), even when nothing was left to compute
   ref_eps = _nearest(eps, ecfg.reference_eps)
   n_boot, seed = int(ecfg.get("n_boot", 1000)), int(config.seed)
   per_case = ev.per_case_rows(table, cells, MODELS, config, case_ids, temps)

@@ -58,6 +58,24 @@ def training_budgets(config) -> dict[str, str]:
   }
 
 
+def trained_models(config, workdir: str) -> dict[str, Any]:
+  """{MODELS: params} of models already trained to the end in workdir/models, read without taking any lock
+  (array tasks read them side by side); one error naming config eval.cells when one is missing or unfinished."""
+  import json
+  from mri_poison.train import loop as train_loop
+  params = {}
+  for name in MODELS:
+    path = os.path.join(workdir, "models", name)
+    manifest = os.path.join(path, "manifest.json")
+    runs = json.load(open(manifest)).get("runs", []) if os.path.exists(manifest) else []
+    if not runs or runs[-1].get("status") != "finished":
+      raise FileNotFoundError(
+          f"config eval.cells={config.eval.cells!r}: model {name} is not trained to the end in {path}; train the "
+          "models first (the same command with --config.eval.cells=none, or a full run)")
+    params[name] = train_loop.load_model(path)[1]
+  return params
+
+
 def train_models(config, workdir: str, train_cases) -> dict[str, Any]:
   """{"base", "undefended", "teacher", "distilled", "adversarial"} params, trained (or resumed) in models/<name>.
 
