@@ -12,7 +12,7 @@ Outputs: workdir/report.md (start there), workdir/<stage>/ (each study's own wor
 Variants:
   phantom  (default) CPU, about 7 min on 2 cores: each study's `runlocal` variant on the embedded phantom, with
            n = 20 held-out cases in every study.
-  test     CPU, well under a minute: every study at toy size (checks that the pipeline runs; numbers mean nothing).
+  test     CPU, under 2 minutes: every study at toy size (checks that the pipeline runs; numbers mean nothing).
   brats    GPU: every study's `brats` variant on the BraTS folder at --config.data_root (full size, hours).
 Each stage's settings are its study's (experiments/configs/<study>.py); defaults chosen here are marked there.
 """
