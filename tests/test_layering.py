@@ -5,8 +5,9 @@ Every import counts: at module top, inside functions (lazy imports), relative on
 a lower layer. Units of one layer are peers: one may import the other, but not both ways.
 
   base             mri_poison (the package root), io_utils, progress: utilities that know nothing of MRI
+  ops              pure array helpers (warps, morphology, texture); the phantom warps anatomy with them
   data             Case, loaders, preprocessing, phantom, TFDS builders, grain pipeline
-  ops / models     pure array helpers; Flax modules
+  models           Flax modules
   losses / metrics one set of losses; Dice/HD95 and statistics
   report           tables, figures, NIfTI export, markdown. It imports io_utils and metrics (its paired tests
                    and summaries) and nothing that trains or attacks, so it sits right above losses/metrics, and
@@ -26,8 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("mri_poison", "experiments")
 LAYERS = (
     ("base", ("mri_poison", "mri_poison.io_utils", "mri_poison.progress")),
+    ("ops", ("mri_poison.ops",)),
     ("data", ("mri_poison.data",)),
-    ("ops/models", ("mri_poison.ops", "mri_poison.models")),
+    ("models", ("mri_poison.models",)),
     ("losses/metrics", ("mri_poison.losses", "mri_poison.metrics")),
     ("report", ("mri_poison.report",)),
     ("train/attacks", ("mri_poison.train", "mri_poison.attacks")),

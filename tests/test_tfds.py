@@ -117,4 +117,5 @@ def test_brats_builder_from_a_brats_folder(tmp_path):
   assert len(source) == 2
   for index, case_dir in enumerate(sorted(case_dirs)):
     _assert_record_is_case(source[index], preprocess_case(load_brats_case(case_dir), shape=(32, 32, 32)))
-    assert set(np.unique(source[index]["label"])) == {0, 1, 2, 3}
+    labels = set(np.unique(source[index]["label"]))
+    assert labels <= {0, 1, 2, 3} and {0, 2} <= labels

@@ -260,3 +260,18 @@ def test_metrics_go_to_tensorboard_events_flushed_with_the_jsonl(tmp_path, monke
   writer.write(1, {"loss": 1.0})
   writer.close()
   assert os.listdir(other) == []
+
+
+def test_manifest_records_the_phantom_version_and_options(tmp_path):
+  from mri_poison.data.datasets import default_data_config
+  config = ml_collections.ConfigDict({"data": default_data_config()})
+  config.data.phantom.tumour_contrast = 0.4
+  path = str(tmp_path)
+  wd.start_manifest(path, seed=0, config_digest="abc", start_step=0, data=wd.data_provenance(config))
+  data = json.load(open(tmp_path / "manifest.json"))["data"]
+  assert data["source"] == "phantom" and data["phantom_version"] == "v2"
+  assert data["phantom"]["tumour_contrast"] == 0.4 and data["phantom"]["anatomy"] == "mni152"
+  config.data.phantom_version = "v1"
+  assert wd.data_provenance(config) == {"source": "phantom", "phantom_version": "v1"}
+  config.data.source = "brats"
+  assert wd.data_provenance(config) == {"source": "brats"}

@@ -2,6 +2,7 @@ r"""Data benchmark: phantom cases/s at 64^3 and grain pipeline patches/s (3D 32^
 
   python -m experiments.bench.data                  # ~1 min on 2 cores
   python -m experiments.bench.data --steps=500 --read_threads=8
+  taskset -c 0 python -m experiments.bench.data --generation_only --shapes=64,128   # per case on one core
 """
 import datetime
 import os
@@ -19,6 +20,9 @@ _PATCH = flags.DEFINE_integer("patch", 32, "3D patch edge.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Batch size.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Timed pipeline batches per source.")
 _THREADS = flags.DEFINE_integer("read_threads", 4, "grain reader threads.")
+_VERSIONS = flags.DEFINE_list("versions", ["v1", "v2"], "Phantom versions whose generation is timed.")
+_SHAPES = flags.DEFINE_list("shapes", ["64"], "Grid edges at which generation is timed (--cases each, 2 at >= 128).")
+_GENERATION_ONLY = flags.DEFINE_bool("generation_only", False, "Time phantom generation only (no pipeline).")
 _TFDS = flags.DEFINE_bool("tfds", True, "Also time the pipeline over a brats_phantom TFDS build (array_record).")
 
 
@@ -64,14 +68,26 @@ def main(argv):
   print(f"device: {_cpu()}")
   print(f"versions: {_versions()}")
 
-  phantom.make_case(1000, shape=shape)  # warm-up (imports, caches)
+  print(f"CPUs this process may use: {len(os.sched_getaffinity(0))}")
+  for version in _VERSIONS.value:
+    for e in (int(s) for s in _SHAPES.value):
+      k = n if e < 128 else min(n, 2)
+      phantom.make_case(1000, shape=(e,) * 3, version=version)  # warm-up (imports, template caches, compiles)
+      start = time.perf_counter()
+      for i in range(k):
+        phantom.make_case(i, shape=(e,) * 3, version=version)
+      t = (time.perf_counter() - start) / k
+      print(f"phantom {version} make_case {e}^3 x4 modalities: {t:6.2f} s/case ({k} cases)", flush=True)
+  if _GENERATION_ONLY.value:
+    return
   start = time.perf_counter()
   raw = [phantom.make_case(i, shape=shape) for i in range(n)]
   t_make = time.perf_counter() - start
   start = time.perf_counter()
   cases = [preprocess_case(c, shape=shape) for c in raw]
   t_pre = time.perf_counter() - start
-  print(f"phantom make_case {edge}^3 x4 modalities: {n / t_make:7.2f} cases/s  ({1e3 * t_make / n:.0f} ms/case)")
+  print(f"phantom {phantom.DEFAULT_VERSION} make_case {edge}^3 x4 modalities: {n / t_make:7.2f} cases/s  "
+        f"({1e3 * t_make / n:.0f} ms/case)")
   print(f"  + preprocess_case to {edge}^3:          {n / (t_make + t_pre):7.2f} cases/s  "
         f"({1e3 * t_pre / n:.0f} ms/case preprocessing)")
 

@@ -27,6 +27,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       n_cases=16,  # phantom: cases generated; brats/tfds: first n_cases by case_id (0 = all)
       n_val=4,
       phantom_shape=(48, 48, 48),  # phantom head grid before preprocessing
+      phantom_version="v2",  # "v2" (MNI152 anatomy, MR physics, grown tumours, look-alikes) | "v1" (before 2026-12)
+      phantom=_phantom_defaults(),  # v2 knobs (mri_poison.data.phantom_v2.default_config); v1 ignores them
       shape=(32, 32, 32),  # grid after preprocessing (crop to brain + pad/crop)
       modalities=MODALITIES,
       seed=0,
@@ -40,6 +42,32 @@ def default_data_config() -> ml_collections.ConfigDict:
       prefetch=4,  # batches prefetched
       allow_empty_modality=False,  # brats: an all-zero modality is an error (True: a warning)
   ))
+
+
+def _phantom_defaults() -> ml_collections.ConfigDict:
+  from mri_poison.data import phantom_v2  # pylint: disable=g-import-not-at-top
+  return phantom_v2.default_config()
+
+
+def phantom_options(data_cfg) -> tuple[str, dict | None]:
+  """(version, generator options) of a data config's phantom; configs older than v2 mean v1."""
+  version = str(data_cfg.get("phantom_version", "v1"))
+  options = data_cfg.get("phantom") if version == "v2" else None
+  return version, (options.to_dict() if isinstance(options, ml_collections.ConfigDict) else options)
+
+
+def describe_source(data_cfg) -> str:
+  """The data a config reads, in words, for reports (names the phantom version and its non-default knobs)."""
+  source = str(data_cfg.source)
+  if source != "phantom":
+    return f"`{source}` data" + (f" from `{data_cfg.root}`" if data_cfg.get("root") else "")
+  version, options = phantom_options(data_cfg)
+  if version == "v1":
+    return "the embedded phantom v1 (procedural head, constant tissue intensities)"
+  changed = {k: v for k, v in (options or {}).items() if _phantom_defaults().get(k) != v}
+  knobs = "; " + ", ".join(f"{k} = {v}" for k, v in sorted(changed.items())) if changed else ""
+  return ("the embedded phantom v2 (MNI152 anatomy, MR signal equations, grown tumours with mass effect, "
+          f"look-alikes{knobs})")
 
 
 def phantom_seed(seed: int, index: int) -> int:
@@ -60,8 +88,9 @@ def load_splits(data_cfg) -> dict[str, list[Case]]:
   if source == "phantom":
     if n_cases < 1:
       raise DataError("data_cfg.n_cases: the phantom source needs n_cases >= 1")
+    version, options = phantom_options(data_cfg)
     cases = phantom_cases(n_cases, seed=int(data_cfg.seed), phantom_shape=data_cfg.phantom_shape,
-                          shape=shape, modalities=modalities)
+                          shape=shape, modalities=modalities, version=version, options=options)
   elif source == "brats":
     cases = _folder_cases(str(data_cfg.root or ""), n_cases, shape, modalities,
                           bool(data_cfg.get("allow_empty_modality", False)))
@@ -90,14 +119,20 @@ def split_indices(n: int, n_val: int, seed: int) -> list[int]:
   return sorted(int(i) for i in np.random.default_rng(seed).permutation(n)[:n_val])
 
 
-def phantom_cases(n_cases: int, *, seed: int, phantom_shape, shape, modalities=MODALITIES) -> list[Case]:
+def phantom_cases(n_cases: int, *, seed: int, phantom_shape, shape, modalities=MODALITIES, version: str = "v2",
+                  options=None) -> list[Case]:
   """`n_cases` phantom heads (seeds `phantom_seed(seed, i)`) preprocessed to the grid `shape`."""
-  from mri_poison.data.phantom import make_case
+  from mri_poison.data.phantom import VERSIONS, make_case
   from mri_poison.data.preprocess import preprocess_case
   phantom_shape = _shape(phantom_shape, "data_cfg.phantom_shape")
-  return [preprocess_case(make_case(phantom_seed(seed, i), shape=phantom_shape, modalities=tuple(modalities)),
-                          shape=tuple(shape))
-          for i in range(n_cases)]
+  if version not in VERSIONS:
+    raise DataError(f"data_cfg.phantom_version: expected one of {VERSIONS}, got {version!r}")
+  try:
+    return [preprocess_case(make_case(phantom_seed(seed, i), shape=phantom_shape, modalities=tuple(modalities),
+                                      version=version, options=options), shape=tuple(shape))
+            for i in range(n_cases)]
+  except ValueError as e:
+    raise DataError(f"data_cfg.phantom: {e}") from e
 
 
 def case_from_record(record, name: str = "<record>") -> Case:

@@ -79,7 +79,8 @@ def study_workdir(workdir: str, config, *, resumable_keys: Sequence[str], seed: 
   with workdir_lib.lock(workdir):
     # write_config checks again: another run may have written config.json before we held the lock.
     digest = workdir_lib.write_config(workdir, config, resumable_keys=tuple(resumable_keys))
-    manifest = workdir_lib.start_manifest(workdir, seed=int(seed), config_digest=digest, start_step=0)
+    manifest = workdir_lib.start_manifest(workdir, seed=int(seed), config_digest=digest, start_step=0,
+                                          data=workdir_lib.data_provenance(config))
     status = "failed"
     try:
       yield workdir, digest

@@ -156,7 +156,7 @@ def fit(config, workdir: str, *, init_state: State, step_fn: StepFn, data=None, 
       if start >= total:
         return state
       manifest = workdir_lib.start_manifest(workdir, seed=int(train_cfg.get("seed", 0)), config_digest=digest,
-                                            start_step=start)
+                                            start_step=start, data=workdir_lib.data_provenance(config))
       status, writer = "failed", None
       try:
         iterator = _open_data(data)

@@ -396,8 +396,22 @@ def _load_manifest(path: str) -> dict:
     return {}
 
 
-def start_manifest(workdir: str, *, seed: int, config_digest: str, start_step: int) -> dict:
-  """manifest.json: versions, devices, seed, git revision and one entry per (re)start of the run.
+def data_provenance(config) -> dict | None:
+  """What a run's data is, for manifest.json: source, and for the phantom its version and generator options."""
+  data = config.get("data") if hasattr(config, "get") else None
+  if data is None or "source" not in data:
+    return None
+  out = {"source": str(data.source)}
+  if out["source"] in ("phantom", "tfds"):
+    out["phantom_version"] = str(data.get("phantom_version", "v1"))
+    if out["phantom_version"] != "v1" and data.get("phantom") is not None:
+      out["phantom"] = data.phantom.to_dict() if hasattr(data.phantom, "to_dict") else dict(data.phantom)
+  return out
+
+
+def start_manifest(workdir: str, *, seed: int, config_digest: str, start_step: int, data: dict | None = None) -> dict:
+  """manifest.json: versions, devices, seed, git revision, the data (`data_provenance`) and one entry per
+  (re)start of the run.
 
   Call it while holding lock(workdir): an earlier entry still "running" then belongs to a process that died
   without ending it (kill -9, power loss); it is rewritten as "died", with a warning.
@@ -415,6 +429,8 @@ def start_manifest(workdir: str, *, seed: int, config_digest: str, start_step: i
       "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind, "count": len(devices),
                   "process_count": jax.process_count(), "host": platform.node()},
       "command": " ".join(sys.argv)})
+  if data is not None:
+    manifest["data"] = data
   manifest.setdefault("runs", []).append({"start": _now(), "start_step": int(start_step), "end": None,
                                           "end_step": None, "status": "running"})
   if is_writer():

@@ -1,6 +1,6 @@
 """TFDS builder `brats_phantom`: procedural phantom cases (no download), in the same layout as `brats`.
 
-Case i is `phantom.make_case(seed + i, shape=phantom_shape)` preprocessed to the config grid, i.e. exactly what
+Case i is `phantom.make_case(seed + i, shape=phantom_shape, version=phantom_version)` preprocessed to the config grid, i.e. exactly what
 `datasets.load_splits` returns for source="phantom" with the same n_cases / phantom_shape / shape / seed.
 
   import tensorflow_datasets as tfds, mri_poison.data.tfds
@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from mri_poison.data.tfds import brats
 
-_DESCRIPTION = """Procedural BraTS-like head phantoms (mri_poison.data.phantom) preprocessed like the `brats`
+_DESCRIPTION = """BraTS-like phantom cases (mri_poison.data.phantom, version v2) preprocessed like the `brats`
 dataset: z-scored inside the brain, cropped to the brain and padded to the grid; labels {0, 1, 2, 3}."""
 
 
@@ -23,6 +23,7 @@ dataset: z-scored inside the brain, cropped to the brain and padded to the grid;
 class BratsPhantomConfig(brats.BratsConfig):
   n_cases: int = 8
   phantom_shape: tuple[int, int, int] = (48, 48, 48)
+  phantom_version: str = "v2"  # default phantom options; builds of v1 cases are dataset version 1.0.0
 
 
 def _config(name, n_cases, phantom, grid, kind="volume"):
@@ -34,8 +35,8 @@ def _config(name, n_cases, phantom, grid, kind="volume"):
 class BratsPhantom(tfds.core.GeneratorBasedBuilder):
   """Generated phantom counterpart of `brats` (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release (phantom v1).", "2.0.0": "Cases from phantom v2."}
   BUILDER_CONFIGS = [
       _config("tiny", 4, 24, 16),  # tests
       _config("vol32", 8, 48, 32),
@@ -55,5 +56,5 @@ class BratsPhantom(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     for index in range(config.n_cases):
       case, = phantom_cases(1, seed=config.seed + index, phantom_shape=config.phantom_shape,
-                            shape=config.grid, modalities=config.modalities)
+                            shape=config.grid, modalities=config.modalities, version=config.phantom_version)
       yield from brats.records(case, config, index)

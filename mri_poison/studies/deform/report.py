@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mri_poison.data.datasets import describe_source  # noqa: E402
 from mri_poison.report import figures  # noqa: E402
 from mri_poison.report import markdown  # noqa: E402
 from mri_poison.report import tables  # noqa: E402
@@ -136,8 +137,7 @@ def _findings(config, summary, comparisons) -> list[str]:
                  f"(effective {c['n_effective']}): " + ("significant after correction." if sig else
                                                          "not significant after correction."))
   n_min = min((r["n"] for r in summary), default=0)
-  out.append("Data: synthetic phantom heads (source `" + str(config.data.source) + "`), not patient MRI; effects on "
-             "BraTS may differ. " + (f"n = {n_min} held-out cases per arm at least; " if n_min else "")
+  out.append(f"Data: {describe_source(config.data)}, not patient MRI; effects on BraTS may differ. " + (f"n = {n_min} held-out cases per arm at least; " if n_min else "")
              + ("conclusions on the primary family rest on n >= 20 with Holm correction."
                 if n_min >= 20 else "n < 20: every comparison is exploratory."))
   out.append("Exploratory (not corrected): per-Delta comparisons, the defence under random fields, per-Delta attacks "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from mri_poison.data.datasets import describe_source, phantom_options
 from mri_poison.report import figures
 from mri_poison.report import markdown
 from mri_poison.report import tables
@@ -142,7 +143,7 @@ def _findings(headline, tests, detection, config, n_val) -> list[str]:
   ks = [int(k) for k in config.sweep.ks]
   top = max(ks)
   n_parts = int(config.sweep.n_parts)
-  data = "the procedural phantom" if config.data.source == "phantom" else f"`{config.data.source}` data"
+  data = describe_source(config.data)
   for mode in config.sweep.modes:
     h = headline[mode]
     t = h["top_vs_0"]
@@ -173,11 +174,18 @@ def _findings(headline, tests, detection, config, n_val) -> list[str]:
       f"({len(ks) - 1} Holm-corrected Wilcoxon tests on the seed-averaged per-case Dice); the `add` mode, the "
       "other metrics and the per-seed numbers are exploratory."
       + (" With fewer than 20 validation cases every test here is exploratory." if n_val < 20 else ""))
+  version = phantom_options(config.data)[0] if config.data.source == "phantom" else None
+  if version == "v1":
+    ct = ("the phantom v1's CT channel barely shows the tumour (soft tissues within a few tens of HU), so the "
+          "GAN cannot paint the enhancing rim where the label says it is: synthetic T1-Ce teaches the segmenter "
+          "labels without their image evidence. That is the mechanism of the drop here; ")
+  elif version:
+    ct = ("on the phantom v2's CT the oedema is hypodense and the tumour near-isodense (no contrast agent), so the "
+          "GAN has partial evidence of the tumour, as on real paired CT-MRI, and none of the enhancing rim's; ")
+  else:
+    ct = ""
   out.append(
-      "Caveats: the phantom's CT channel barely shows the tumour (soft tissues within a few tens of HU), so the "
-      "GAN cannot paint the enhancing rim where the label says it is: synthetic T1-Ce teaches the segmenter "
-      "labels without their image evidence. That is the mechanism of the drop here; whether the paper's drop has "
-      "the same cause on real CT-MRI is not something phantom data can show. The paper's numbers are on its own "
-      "data and GAN and are not comparable in level.")
+      "Caveats: " + ct + "whether the paper's drop has the same cause on real CT-MRI is not something phantom "
+      "data can show. The paper's numbers are on its own data and GAN and are not comparable in level.")
   return out
 

@@ -62,18 +62,23 @@ def _data_section(rep: markdown.Report, config) -> None:
       d = config[name].data
       source = str(d.source) if "source" in d else "phantom"
       arms = [config[name][f"arm{a}"].data for a in config[name].arms] if "arms" in config[name] else [d]
-      rows.append({"study": STUDY_TITLES[name][0], "source": source,
+      version = str(d.get("phantom_version", "v1")) if source == "phantom" else "-"
+      rows.append({"study": STUDY_TITLES[name][0], "source": source, "phantom": version,
                    "mode": ", ".join(str(a.get("mode", d.get("mode", ""))) for a in arms),
                    "cases (train + val)": f"{int(d.n_cases)}" if source == "phantom" else "all in data.root",
                    "held out": int(d.n_val), "grid": ", ".join("x".join(str(s) for s in a.shape) for a in arms)})
   rep.paragraph(
       "Unless a stage's `data.source` says otherwise, every study generates its cases from the embedded phantom "
-      "(`mri_poison.data.phantom`): procedural heads with four MR contrasts (T1, T1-Ce, T2, FLAIR; study 1 also "
-      "uses a CT-like channel) and a tumour with necrotic core, oedema and enhancing rim, z-scored inside the "
-      "brain like BraTS. Phantom numbers show that the code and the statistics work; they are not evidence "
-      "about real tumours. Every study generates its heads from its `data.seed` (0 in every study here), each at its "
-      "own grid and split sizes, so the studies draw on overlapping procedural heads and are not independent "
-      "replications of one another.")
+      "(`mri_poison.data.phantom`, version in the table): v2 warps the MNI152 template per subject, grows a "
+      "glioma by reaction-diffusion (necrosis, enhancing rim, oedema along white matter, mass effect; a quarter "
+      "of cases lower grade without enhancement), adds look-alikes (enhancing vessels, sinuses, choroid plexus; "
+      "white-matter lesions and CSF-inflow on FLAIR) and renders four MR contrasts from signal equations with "
+      "per-case protocols, thick slices, misregistration, bias and Rician noise (study 1 also a CT in HU), "
+      "z-scored inside the brain like BraTS; v1 is the older procedural head with constant intensities. Phantom "
+      "numbers show how the code and the statistics behave on data about as separable as BraTS (see "
+      "experiments/bench/RESULTS.md, phantom calibration); they are not evidence about real tumours. Every study "
+      "generates its heads from its `data.seed` (0 in every study here), each at its own grid and split sizes, so "
+      "the studies draw on overlapping phantom heads and are not independent replications of one another.")
   rep.table(rows, caption="Splits per study (held out = validation / test cases every number below rests on):")
   small = [r["study"] for r in rows if r["source"] == "phantom" and int(r["held out"]) < 20]
   if small:

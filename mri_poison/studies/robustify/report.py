@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 
+from mri_poison.data.datasets import describe_source
 from mri_poison.defenses import adversarial as adv_lib
 from mri_poison.report import markdown
 from mri_poison.report import tables
@@ -349,7 +350,7 @@ def findings(config, res: dict, headline: dict) -> list[str]:
                "so the distilled model is the base network fine-tuned at T with T-fold deployed logits; its "
                "clean Dice and its saturated softmax both follow from that start, not from distillation alone.")
   out.append(
-      "Data: " + ("procedural phantom heads at a small grid with a small model and few training steps; these numbers "
+      "Data: " + (f"{describe_source(config.data)}, at a small grid with a small model and few training steps; these numbers "
                   "show how the attacks and defences behave in this pipeline, not how robust a BraTS-trained "
                   "segmenter is (run the `brats` variant for that). The paper's numbers are on BraTS and are "
                   "quoted as the paper's, not reproduced here."
