@@ -18,7 +18,10 @@ def tiny_unet_config(n_cases=16, n_val=8, steps=120):
   from experiments.configs import unet
   cfg = unet.get_config("runlocal")
   cfg.data.update(dict(n_cases=n_cases, n_val=n_val, phantom_shape=(32, 32, 32), shape=(24, 24, 24),
-                       patch_shape=(24, 24), batch_size=8, tumour_fraction=0.8, read_threads=1))
+                       patch_shape=(24, 24), batch_size=8, tumour_fraction=0.8, read_threads=1,
+                       # The attack's stopping rule needs a victim that fits its data (Dice > 0.6); a 120-step
+                       # 2D model reaches that on the v1 phantom, not on v2 (~0.5, with Dice jumps of 0.2 per step).
+                       phantom_version="v1"))
   cfg.model.features = (8, 16)
   cfg.train.update(dict(steps=steps, lr=3e-3, log_every=1000, ckpt_every=1000))
   return cfg
@@ -72,7 +75,7 @@ def test_per_case_attack_reaches_the_target_drop(victim):
                           jax.random.PRNGKey(0), S)
   out = deform.evaluate(victim["apply_fn"], victim["params"], x, y, z, S)
   clean, dice = np.asarray(info["clean"]), np.asarray(out["dice"])
-  assert np.mean(clean) > 0.45, clean  # a trained model (a tiny 2D U-Net on phantom v2 reaches ~0.5)
+  assert np.mean(clean) > 0.6, clean  # a trained model
   err = (clean - dice) - delta
   # Most cases stop within tol of their target; none overshoots wildly.
   assert np.mean(np.abs(err) <= S.tol + 1e-6) >= 0.75, err

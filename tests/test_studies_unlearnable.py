@@ -28,8 +28,10 @@ def _tiny_config():
 def test_config_variants_resolve():
   for v in config_lib.VARIANTS:
     c = config_lib.get_config(v)
-    assert c.protect.eps == pytest.approx(4 / 255) and c.protect.umed.k == 5 and c.protect.umed.width == 3
+    assert c.protect.eps == pytest.approx(4 / 255) and c.protect.umed.k == 5 and c.protect.umed.width == 7
     assert c.protect.methods[0] == "none" and c.counter.regimes[0] == "standard"
+    assert "classpattern" in c.protect.methods and "classpattern" in c.phase_map.methods  # the positive control
+    assert c.protect.umed.surrogate_warmup == 0
   assert config_lib.get_config("phantom").data.n_val >= 20
   with pytest.raises(ValueError, match="variant"):
     config_lib.get_config("nope")
@@ -46,7 +48,7 @@ def test_victim_plan():
                                                                "umed/adversarial"}
   sweep = [(n, e) for n, m, r, f, e in plan if "@eps=" in n]
   assert [e for _, e in sweep] == pytest.approx([16 / 255, 64 / 255])
-  assert all(n.startswith("classwise@eps=") for n, _ in sweep)
+  assert all(n.startswith("classpattern@eps=") for n, _ in sweep)
   assert ("umed@0.5/standard", "umed", "standard", 0.5, 4 / 255) in plan
   # training-seed replicates of the clean reference and of UMed
   assert {n for n in names if "@seed=" in n} == {"none/standard@seed=1", "none/standard@seed=2",
@@ -102,3 +104,26 @@ def test_tiny_study_end_to_end(tmp_path):
   config.protect.eps = 8 / 255
   with pytest.raises(Exception, match="protect.eps"):
     unlearnable.run(config, workdir, splits=splits)
+
+
+def test_phase_map_on_a_2x2_grid(tmp_path):
+  from mri_poison.studies.unlearnable import phase_map
+  config = _tiny_config()
+  config.train.update(dict(steps=4, log_every=4, ckpt_every=4))
+  config.phase_map.update(dict(axis="data.phantom.tumour_contrast", levels=(0.3, 1.0), eps=(8 / 255, 64 / 255),
+                               methods=("classpattern", "random")))
+  out = phase_map.run(config, str(tmp_path))
+  assert len(out["points"]) == 8
+  for p in out["points"]:
+    assert p["n_test"] == 2 and p["drop_low"] <= p["drop"] <= p["drop_high"]
+    assert np.isfinite([p["drop"], p["psnr"], p["clean_dice"]]).all() and p["hallmark"] is None
+  by = {(p["value"], p["eps"], p["method"]): p for p in out["points"]}
+  # a larger budget is a louder perturbation
+  assert by[(1.0, 64 / 255, "random")]["psnr"] < by[(1.0, 8 / 255, "random")]["psnr"] - 10
+  # the clean victim differs between data points (the axis really changed the data)
+  assert by[(0.3, 8 / 255, "random")]["clean_dice"] != by[(1.0, 8 / 255, "random")]["clean_dice"]
+  assert set(out["boundary"]) == {"classpattern", "random"}
+  assert os.path.exists(tmp_path / "figures" / "phase_map.png") and os.path.exists(tmp_path / "results" / "phase_map.json")
+  with pytest.raises(ValueError, match="phase_map.axis"):
+    config.phase_map.axis = "data.phantom.tumor_contrast"
+    phase_map.run(config, str(tmp_path / "bad"))

@@ -3,16 +3,16 @@ r"""Attack benchmark: PGD-10 time per batch on a U-Net, and an eps sweep in one 
   python -m experiments.bench.attacks                                    # CPU, small: 2D 64^2 and 3D 32^3
   python -m experiments.bench.attacks --sizes=128 --dims=3 --batch=2 --features=32,32,64,128,256,32 \
       --dtype=bfloat16 --repeats=5                                       # the GPU run (128^3, batch 2)
+`problem`, `measure_pgd`, `measure_sweep` and `measure_sliding_window_attack` are what
+experiments/bench/gpu_check.py runs.
 """
-import datetime
-import platform
 import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from experiments.bench import timing
 from mri_poison.attacks import gradient
 from mri_poison.attacks import losses
 from mri_poison.attacks import eps_sweep
@@ -30,57 +30,78 @@ _CHUNK = flags.DEFINE_integer("chunk", 0, "Sweep chunk size (0 = all eps at once
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
 
 
-def _model(dtype):
-  from mri_poison.models.unet import UNet  # pylint: disable=g-import-not-at-top
-  model = UNet(features=tuple(int(f) for f in _FEATURES.value), out_channels=4, dtype=dtype)
-  return model, model.apply
-
-
 def _timed(fn, repeats):
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return first, float(np.median(times))
+  return first, timing.median_time(fn, repeats)
+
+
+def problem(ndim: int, size, batch: int, *, features, dtype="float32", channels: int = 4, spatial=None):
+  """(UNet apply_fn, params, x, labels, a CE loss_fn(x)) on random data: the attacked model and input.
+
+  `spatial` (a shape) overrides (size,) * ndim, e.g. a 240 x 240 x 155 volume.
+  """
+  from mri_poison.models.unet import UNet  # pylint: disable=g-import-not-at-top
+  dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  model = UNet(features=tuple(int(f) for f in features), out_channels=4, dtype=dtype)
+  spatial = tuple(spatial) if spatial is not None else (int(size),) * ndim
+  shape = (int(batch),) + spatial + (int(channels),)
+  x = jax.random.normal(jax.random.key(0), shape)
+  # Params do not depend on the input's extent: init on one window-sized example.
+  params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1,) + (int(size),) * len(spatial) + shape[-1:]))
+  labels = jax.random.randint(jax.random.key(2), shape[:-1], 0, 4)
+  return model.apply, params, x, labels, losses.cross_entropy(model.apply, params, labels)
+
+
+def measure_pgd(loss_fn, x, *, steps: int = 10, repeats: int = 3, tag: str = "", report=print) -> dict:
+  """Median time of one PGD-`steps` attack on the batch `x` (random start, L-inf)."""
+  first, t = _timed(lambda: gradient.pgd(loss_fn, x, eps=0.05, step_size=0.0125, steps=steps,
+                                         key=jax.random.key(3)), repeats)
+  report(f"{tag}: PGD-{steps} {t * 1e3:.1f} ms/batch (first call incl. compile {first:.1f} s)")
+  return {"pgd_ms": t * 1e3, "pgd_first_s": first, "steps": int(steps)}
+
+
+def measure_sweep(loss_fn, x, *, n_eps: int = 4, steps: int = 5, chunk: int = 0, repeats: int = 3, tag: str = "",
+                  report=print) -> dict:
+  """i-FGSM-`steps` over `n_eps` budgets: one `eps_sweep.sweep` call vs one call per eps (same results)."""
+  grid = jnp.linspace(0.01, 0.1, int(n_eps))
+  first_s, t_sweep = _timed(lambda: eps_sweep.sweep(gradient.ifgsm, loss_fn, x, eps=grid, step_size_frac=0.25,
+                                                    steps=steps, chunk_size=chunk or None), repeats)
+  sep = lambda: [gradient.ifgsm(loss_fn, x, eps=e, step_size=e / 4, steps=steps) for e in grid]
+  first_sep, t_sep = _timed(sep, repeats)
+  report(f"{tag}: i-FGSM-{steps} x {n_eps} eps: one sweep call {t_sweep * 1e3:.1f} ms, separate calls "
+         f"{t_sep * 1e3:.1f} ms -> {t_sep / t_sweep:.2f}x (first calls {first_s:.1f} s / {first_sep:.1f} s)")
+  return {"sweep_ms": t_sweep * 1e3, "separate_ms": t_sep * 1e3, "speedup": t_sep / t_sweep,
+          "sweep_first_s": first_s, "separate_first_s": first_sep, "n_eps": int(n_eps), "steps": int(steps)}
+
+
+def measure_sliding_window_attack(apply_fn, params, x, labels, *, window, overlap: float = 0.5, batch: int = 1,
+                                  steps: int = 10, repeats: int = 1, report=print) -> dict:
+  """PGD-`steps` on whole volumes x (B, *S, C) scored through Gaussian-blended sliding-window inference."""
+  from mri_poison.attacks import sliding_window
+  windowed = sliding_window.windowed_apply(apply_fn, window=window, overlap=overlap, batch=batch)
+  loss_fn = losses.cross_entropy(windowed, params, labels)
+  out = measure_pgd(loss_fn, x, steps=steps, repeats=repeats, report=lambda s: None)
+  report(f"sliding-window PGD-{steps} on {'x'.join(map(str, x.shape[1:-1]))} (window {tuple(window)}, overlap "
+         f"{overlap}, {batch} windows per call): {out['pgd_ms'] / 1e3:.2f} s per attack "
+         f"(first call incl. compile {out['pgd_first_s']:.1f} s)")
+  return out
 
 
 def bench_one(ndim, size):
-  dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
-  model, apply_fn = _model(dtype)
-  shape = (_BATCH.value,) + (size,) * ndim + (_CHANNELS.value,)
-  x = jax.random.normal(jax.random.key(0), shape)
-  params = jax.jit(model.init)(jax.random.key(1), x)
-  labels = jax.random.randint(jax.random.key(2), shape[:-1], 0, 4)
-  lf = losses.cross_entropy(apply_fn, params, labels)
-  r = _REPEATS.value
   tag = f"{ndim}D {size}^{ndim} batch {_BATCH.value} {_DTYPE.value}"
-
-  first, t = _timed(lambda: gradient.pgd(lf, x, eps=0.05, step_size=0.0125, steps=_STEPS.value,
-                                         key=jax.random.key(3)), r)
-  print(f"{tag}: PGD-{_STEPS.value} {t * 1e3:.1f} ms/batch (first call incl. compile {first:.1f} s)")
-
-  grid = jnp.linspace(0.01, 0.1, _N_EPS.value)
-  n = _SWEEP_STEPS.value
-  chunk = _CHUNK.value or None
-  first_s, t_sweep = _timed(lambda: eps_sweep.sweep(gradient.ifgsm, lf, x, eps=grid, step_size_frac=0.25, steps=n,
-                                                chunk_size=chunk), r)
-  sep = lambda: [gradient.ifgsm(lf, x, eps=e, step_size=e / 4, steps=n) for e in grid]
-  first_sep, t_sep = _timed(sep, r)
-  print(f"{tag}: i-FGSM-{n} x {_N_EPS.value} eps: one sweep call {t_sweep * 1e3:.1f} ms, separate calls "
-        f"{t_sep * 1e3:.1f} ms -> {t_sep / t_sweep:.2f}x (first calls {first_s:.1f} s / {first_sep:.1f} s)")
-  return {"pgd_ms": t * 1e3, "sweep_ms": t_sweep * 1e3, "separate_ms": t_sep * 1e3}
+  _, _, x, _, lf = problem(ndim, size, _BATCH.value, features=_FEATURES.value, dtype=_DTYPE.value,
+                           channels=_CHANNELS.value)
+  out = measure_pgd(lf, x, steps=_STEPS.value, repeats=_REPEATS.value, tag=tag)
+  out.update(measure_sweep(lf, x, n_eps=_N_EPS.value, steps=_SWEEP_STEPS.value, chunk=_CHUNK.value,
+                           repeats=_REPEATS.value, tag=tag))
+  return out
 
 
 def main(argv):
   del argv
-  import flax  # pylint: disable=g-import-not-at-top
-  print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; python {platform.python_version()}, "
-        f"jax {jax.__version__}, flax {flax.__version__}; devices {jax.devices()}; "
-        f"{platform.processor() or platform.machine()}")
+  print(timing.describe(timing.environment()), f"devices {jax.devices()}")
   print(f"UNet features {','.join(_FEATURES.value)}, {_CHANNELS.value} channels -> 4 classes")
   sizes = _SIZES.value * len(_DIMS.value) if len(_SIZES.value) == 1 else _SIZES.value
   for d, s in zip(_DIMS.value, sizes):

@@ -14,6 +14,8 @@ import time
 from absl import app, flags
 import numpy as np
 
+from experiments.bench import timing
+
 _CASES = flags.DEFINE_integer("cases", 8, "Phantom cases generated (and fed to the pipeline).")
 _SHAPE = flags.DEFINE_integer("shape", 64, "Phantom grid edge (and the preprocessed grid the pipeline reads).")
 _PATCH = flags.DEFINE_integer("patch", 32, "3D patch edge.")
@@ -32,16 +34,6 @@ def _versions() -> str:
   import tensorflow_datasets as tfds
   return (f"python {platform.python_version()}, numpy {np.__version__}, jax {jax.__version__}, "
           f"grain {getattr(grain, '__version__', '?')}, tensorflow_datasets {tfds.__version__}")
-
-
-def _cpu() -> str:
-  name = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return f"{name}, {os.cpu_count()} logical cores"
 
 
 def _time_pipeline(source, data_cfg, steps):
@@ -65,7 +57,7 @@ def main(argv):
   n, edge = _CASES.value, _SHAPE.value
   shape = (edge,) * 3
   print(f"mri_poison data bench  {datetime.datetime.now().isoformat(timespec='seconds')}")
-  print(f"device: {_cpu()}")
+  print(f"device: {timing.cpu_name()}")
   print(f"versions: {_versions()}")
 
   print(f"CPUs this process may use: {len(os.sched_getaffinity(0))}")

@@ -25,14 +25,17 @@ import time
 from absl import app, flags
 import numpy as np
 
+from experiments.bench import timing
+
 _VERSIONS = flags.DEFINE_list("versions", ["v1", "v2"], "Phantom versions to compare.")
 _STATS_CASES = flags.DEFINE_integer("stats_cases", 10, "Cases for the intensity statistics.")
 _STATS_SHAPE = flags.DEFINE_integer("stats_shape", 64, "Phantom grid edge for the intensity statistics.")
 _UNET = flags.DEFINE_bool("unet", True, "Train and score the reference U-Net (the slow part).")
 _OUT = flags.DEFINE_string("out", "runs/phantom_stats", "Output folder.")
 _SCALES = flags.DEFINE_list("scales", ["main"], "Where the separability baselines and the U-Net are measured: "
-                            "'main' (the main job's study-2 data and schedule) and/or EDGE:STEPS, e.g. 32:800 (the "
-                            "same, on EDGE^3 phantom volumes with STEPS training steps).")
+                            "'main' (the main job's study-2 data and schedule) and/or EDGE:STEPS[:PHANTOM_EDGE], e.g. "
+                            "32:800 (the same on EDGE^3 volumes with STEPS training steps, generated at "
+                            "PHANTOM_EDGE^3, default EDGE^3).")
 _UNET_WORKDIR = flags.DEFINE_string("unet_workdir", "", "Where the U-Nets train (a rerun reuses them); "
                                     "default: a temporary folder.")
 
@@ -173,8 +176,9 @@ def intensity_baselines(train, val, *, max_voxels: int = 300_000, seed: int = 0)
 
 
 def reference_config(version: str, scale: str = "main"):
-  """experiments/configs/unet.py's trainer on the main job's study-2 data, model and schedule; `scale` EDGE:STEPS
-  puts it on EDGE^3 phantom volumes (generated at EDGE^3, whole-volume patches) with STEPS steps."""
+  """experiments/configs/unet.py's trainer on the main job's study-2 data, model and schedule; `scale`
+  EDGE:STEPS[:PHANTOM_EDGE] puts it on EDGE^3 volumes (whole-volume patches, generated at PHANTOM_EDGE^3,
+  default EDGE^3) with STEPS steps."""
   from experiments.configs import reproduce, unet
   main = reproduce.get_config("phantom").robustify
   config = unet.get_config("phantom3d")
@@ -187,10 +191,11 @@ def reference_config(version: str, scale: str = "main"):
   config.train.update(dict(eval_every=0, ckpt_every=int(main.train.steps)))
   if scale != "main":
     try:
-      edge, steps = (int(v) for v in scale.split(":"))
+      edge, steps, *made = (int(v) for v in scale.split(":"))
+      made = made[0] if made else edge
     except ValueError as e:
-      raise app.UsageError(f"--scales: expected 'main' or EDGE:STEPS, got {scale!r}") from e
-    config.data.update(dict(phantom_shape=(edge,) * 3, shape=(edge,) * 3, patch_shape=(edge,) * 3))
+      raise app.UsageError(f"--scales: expected 'main' or EDGE:STEPS[:PHANTOM_EDGE], got {scale!r}") from e
+    config.data.update(dict(phantom_shape=(made,) * 3, shape=(edge,) * 3, patch_shape=(edge,) * 3))
     config.train.update(dict(steps=steps, ckpt_every=steps))
   config.eval.window = tuple(config.data.patch_shape)
   return config
@@ -248,13 +253,7 @@ def _table(results: dict) -> str:
 
 def _machine() -> str:
   import jax
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return (f"{cpu}, {os.cpu_count()} logical cores; python {platform.python_version()}, numpy {np.__version__}, "
+  return (f"{timing.cpu_name()}; python {platform.python_version()}, numpy {np.__version__}, "
           f"jax {jax.__version__} ({jax.default_backend()})")
 
 

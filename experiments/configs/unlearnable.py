@@ -9,14 +9,18 @@ Any field can be overridden, e.g. --config.protect.eps=0.0157 --config.protect.u
 Outputs: workdir/report.md (start there), results/*.csv, figures/*.png, protected/<method>/ (NIfTI),
 protected_tfds/brats_protected/<method>/ (TFDS array_record, --config.data.source=tfds reads it), models/*.
 
-On the phantom, UMed (and min-min, and class-wise noise up to 16/255) does NOT lower the victim's clean-test Dice:
-the tumour contrast is tens of budgets, so no budget-sized shortcut beats the real feature (report.md: shortcut
-check, surrogate fit, budget sweep). Whether UMed works on BraTS is what the brats variant is for.
+Every run includes the position-independent class pattern ("classpattern") as the positive control, and reports
+each trained protection's hallmark (surrogate CE on protected / clean training slices; above
+protect.hallmark_max = "not converged"). `phase_map` sweeps the data's difficulty (data.phantom.tumour_contrast)
+against the budget (mri_poison.studies.unlearnable.phase_map). Whether UMed works on BraTS is what the brats
+variant is for.
 
 Variants:
   runlocal  CPU, a few minutes on 2 cores: 10 phantom heads (24^3 grid, 2D slices), 4 test cases, short runs.
             n < 20: every comparison is exploratory (a smoke test of the whole protocol).
   phantom   (default) CPU, about 10 minutes on 2 cores: 36 phantom heads (32^3), 20 clean test cases.
+  phase_map CPU: runlocal sizes with 20 test cases, then the phase map over tumour contrast (0.15, 0.4, 1) x
+            budget (4, 8, 16)/255 x (class pattern, min-min, UMed, random).
   brats     GPU: BraTS folder at --config.data.root, whole 2D axial slices of a 128^3 grid, 50 test cases,
             long protection and victim runs (UMed at the reference lr 1e-4). Not run here.
 Settings the paper leaves open are defaults chosen here (marked [ours]); [ref]: a third-party UMed
@@ -30,7 +34,7 @@ from mri_poison.data.datasets import default_data_config
 from mri_poison.defenses import adversarial
 from mri_poison.poison import unlearnable
 
-VARIANTS = ("runlocal", "phantom", "brats")
+VARIANTS = ("runlocal", "phantom", "phase_map", "brats")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -53,20 +57,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.surrogate = ml_collections.ConfigDict(config.model.to_dict())
 
   config.protect = unlearnable.default_config()
-  config.protect.minmin.update(dict(steps=100, lr=3e-3))  # [ours] CPU-sized: every record is visited ~4 times
-  # [ours] UMed on CPU: ref lr 1e-4 needs far longer runs than a CPU variant has; with k = 5 [ref] a surrogate
-  # trained from scratch inside 300 steps got 60 updates and stayed at CE + Dice ~2.2 (it never fitted the data),
-  # so it is first trained alone on clean slices for `surrogate_warmup` of the `steps`.
-  config.protect.umed.update(dict(steps=500, surrogate_warmup=200, lr=1e-2, surrogate_lr=3e-3))
+  config.protect.minmin.update(dict(steps=30, lr=3e-3))  # [ours] CPU-sized: at most 30 rounds
+  # [ours] UMed on CPU: ref lr 1e-4 needs far longer runs than a CPU variant has, so the generators' lr is 1e-2;
+  # the surrogate trains from scratch inside the bi-level loop (no clean warm-up: minimising a clean-trained
+  # surrogate's loss amplifies the real tumour features), updated every k-th step [ref k = 5].
+  config.protect.umed.update(dict(steps=500, surrogate_warmup=0, lr=1e-2, surrogate_lr=3e-3))
   config.protect.update(dict(
-      # "none" first: the clean-trained reference; "classwise": fixed random pattern per label class, the
-      # simplest label-correlated shortcut (sanity check of the mechanism on this data)
-      methods=("none", "random", "classwise", "minmin", "umed"),
+      # "none" first: the clean-trained reference; "classwise": fixed random pattern per label class and
+      # position; "classpattern": one sign tile per class repeated over the slice, the required positive control
+      methods=("none", "random", "classwise", "classpattern", "minmin", "umed"),
       fractions=(0.5, 1.0),  # partial protection of `partial_method` (share of training cases) [ours]
       partial_method="umed",
       # Budget sweep (victims trained on `sweep_method` data at these budgets, [0, 1]-scaled) [ours]: at which
       # budget does the shortcut start to work on this data, and at what PSNR?
-      sweep_method="classwise", sweep_eps=(16 / 255, 64 / 255)))
+      sweep_method="classpattern", sweep_eps=(16 / 255, 64 / 255)))
 
   # Training-seed replicates of standard victims [ours]: the spread between victims trained with different seeds
   # on the same data, against which a protection's effect is judged (CIs over test cases do not contain it).
@@ -83,25 +87,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    blur_sigma=1.0, blur_prob=0.5),  # Gaussian blur sigma ~ U(0, blur_sigma) with prob [ours]
       purify=dict(kind="gaussian",  # "gaussian" (slice-wise smoothing) | "quantize" (grey levels) [ours]
                   sigma=1.0, levels=32)))
+  # The phase map (mri_poison.studies.unlearnable.phase_map): data difficulty x budget, colour = victim Dice drop.
+  # Run after the study when `enabled`; the `phase_map` variant is the full grid (~10-15 min on 2 cores) [ours].
+  config.phase_map = ml_collections.ConfigDict(dict(
+      enabled=False,
+      axis="data.phantom.tumour_contrast",  # any config field; 1 = the default phantom, 0 = no tumour contrast
+      levels=(0.3, 1.0),  # the axis values
+      eps=(4 / 255, 16 / 255),
+      methods=("classpattern", "minmin")))
   config.eval = ml_collections.ConfigDict(dict(
       slice_batch=8, pad_multiple=4,  # whole-slice prediction of the test volumes
       write_cases=4,  # protected training cases written as NIfTI per method (-1: all, 0: none)
       write_tfds=True))  # the whole protected training split as TFDS brats_protected/<method> (array_record)
 
   d, t, p = config.data, config.train, config.protect
-  if variant == "runlocal":
+  if variant in ("runlocal", "phase_map"):
     d.update(dict(n_cases=10, n_val=4, phantom_shape=(32, 32, 32), shape=(24, 24, 16), patch_shape=(24, 24),
                   read_threads=1))
     config.model.features = (8, 16)
     config.surrogate.features = (8, 16)
     t.update(dict(steps=80, log_every=20, ckpt_every=80))
-    p.minmin.update(dict(steps=40, inner_steps=5))
-    p.umed.update(dict(steps=100, surrogate_warmup=40))
+    p.minmin.update(dict(steps=8, pgd_steps=10))
+    p.umed.update(dict(steps=100))
     p.fractions = (0.5, 1.0)
     p.sweep_eps = (64 / 255,)
     config.replicates.seeds = (1,)
     config.counter.adversarial.steps = 2
     config.eval.write_cases = 2
+  if variant == "phase_map":  # the study at runlocal size with 20 test cases, then the full grid
+    d.update(dict(n_cases=26, n_val=20))
+    config.phase_map.update(dict(enabled=True, levels=(0.15, 0.4, 1.0), eps=(4 / 255, 8 / 255, 16 / 255),
+                                 methods=("classpattern", "minmin", "umed", "random")))
   elif variant == "brats":
     d.update(dict(source="brats", root="", n_cases=0, n_val=50, phantom_shape=(128, 128, 128),
                   shape=(128, 128, 128), patch_shape=(128, 128), batch_size=32, read_threads=8, prefetch=8))
@@ -109,9 +125,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.surrogate = ml_collections.ConfigDict(config.model.to_dict())
     t.update(dict(steps=20000, lr=1e-3, warmup_steps=500, log_every=200, ckpt_every=2000))
     p.update(dict(batch=32))
-    p.minmin.update(dict(steps=5000, lr=1e-3))
-    p.umed.update(dict(steps=20000, surrogate_warmup=2000, features=(16, 32, 64), lr=1e-4,  # [ref] lr
-                       surrogate_lr=1e-3))
+    p.minmin.update(dict(steps=200, lr=1e-3))
+    p.umed.update(dict(steps=20000, features=(16, 32, 64), lr=1e-4, surrogate_lr=1e-3))  # [ref] lr
     p.fractions = (0.25, 0.5, 0.75, 1.0)
     p.sweep_eps = (8 / 255, 16 / 255)
     config.eval.update(dict(slice_batch=32, pad_multiple=16, write_cases=-1))

@@ -1,10 +1,11 @@
 """Local binary patterns (LBP): a per-voxel texture code in [0, 1].
 
-2D (8-neighbour): bit i is set when neighbour i (clockwise from the top-left) is STRICTLY brighter than the
-centre; the code sum_i 2^i bit_i is divided by 2^8 - 1. 3D (6-neighbour: +-x, +-y, +-z) likewise over 6 bits
-and 2^6 - 1. Strict comparison makes flat regions 0 (a constant image has LBP 0 everywhere), so UMed's texture
-perturbation, clipped to +-eps * LBP, vanishes on flat tissue and lives on textured voxels. Borders repeat the
-edge voxel (edge padding), so the outside never counts as a brighter neighbour. Computed per channel.
+2D (8-neighbour): bit i is set when neighbour i (clockwise from the top-left) is at least as bright as the
+centre (standard LBP, s(g_i - g_c) with s(0) = 1); the code sum_i 2^i bit_i is divided by 2^8 - 1. 3D
+(6-neighbour: +-x, +-y, +-z) likewise over 6 bits and 2^6 - 1. A flat region therefore codes 1 (every bit set),
+so UMed's texture perturbation, clipped to +-eps * LBP, keeps its full budget on flat tissue and less on a local
+maximum. Borders repeat the edge voxel (edge padding), so the outside counts as an equal neighbour. Computed per
+channel.
 """
 from __future__ import annotations
 
@@ -28,6 +29,6 @@ def lbp(x, ndim: int = 2):
   code = jnp.zeros_like(x)
   for bit, offset in enumerate(offsets):
     index = (slice(None),) * lead + tuple(slice(1 + o, 1 + o + n) for o, n in zip(offset, spatial))
-    code = code + jnp.where(padded[index] > x, float(2**bit), 0.0)
+    code = code + jnp.where(padded[index] >= x, float(2**bit), 0.0)
   return code / float(2**len(offsets) - 1)
 

@@ -13,28 +13,33 @@ eps * r_c in z-score units. Protected images are clipped to [min_c, max_c] (UMed
 and channel of the case ((x_p - x) / r_c)^2 (whole volume, background included, as image PSNR is usually
 reported).
 
-Min-min (Huang et al., ICLR 2021), one `fit` state {"surrogate": part, "noise": {"delta", "ema", "done",
-"stopped_at"}}. Each step: inner `attacks.optimize` (sign steps of alpha * eps, projection onto the eps-ball,
-`inner_steps` steps) on the batch's noise minimising the surrogate's CE + Dice, then one surrogate step on the
-protected batch. Stopping criterion: once an exponential moving average (0.9) of the surrogate's voxel
-cross-entropy on protected batches is <= `stop_loss`, the surrogate has fitted the protected data and every
-later step is a no-op (`noise.stopped_at` records when). The criterion uses the CE alone: the soft Dice part
-has a floor near 1 on slices without tumour (a class absent from a slice scores Dice ~0 unless the predicted
-probability mass stays below `smooth`), so CE + Dice never falls to a small threshold even for a perfect fit.
+Min-min (Huang et al., ICLR 2021), one `fit` state {"surrogate": part, "noise": {"delta", "done", "stopped_at"}}.
+One `fit` step is one round of their schedule: `train_steps` surrogate steps on random protected batches, then
+a noise pass over EVERY record (in order, `batch` records at a time, `pgd_steps` sign steps of step_frac * eps
+each, projected onto the eps-ball) minimising the surrogate's CE + Dice, then the stop test: the surrogate's
+class-balanced per-voxel accuracy on the protected brain voxels (mean recall over the label classes present,
+the analogue of their training accuracy, which background would otherwise dominate) >= `stop_accuracy`; later
+rounds are no-ops (`noise.stopped_at` records the round). Each round also logs the hallmark of error-minimising
+noise, the surrogate's voxel CE on the protected records over its CE on the clean ones (`hallmark`): it falls
+far below 1 only when the noise, not the tumour, is what the surrogate has learnt.
 "sample" noise is one tensor per record, on the brain; "region" noise is one tensor per label class
 (K, X, Y, C), applied where the label has that class.
 Noise is stored in scaled units (|u| <= eps) and applied as u * r_c.
 
 Class-wise random noise (`classwise_noise`): the region-wise layout with a FIXED random sign pattern per class
-(K, X, Y, C), no surrogate: the simplest label-correlated shortcut (in classification, class-wise random noise
-alone makes data unlearnable, Huang et al.), so it is the sanity baseline of the mechanism on this data.
+(K, X, Y, C), no surrogate (in classification, class-wise random noise alone makes data unlearnable, Huang et
+al.). A convolution can decode such a pattern only by knowing the absolute position, so it understates what a
+shortcut can do. The class pattern (`classpattern_noise`) is the positive control: per class one small sign
+tile (`tile` x `tile` x C) repeated over the slice, the same at every position, applied where the label has
+that class; a 3x3 convolution reads it anywhere.
 
 UMed (arXiv 2403.14250 as re-implemented by a third party; methods.md study 4), one `fit` state
 {"contour": G_c, "texture": G_t, "surrogate": S}: x_p = clip(x + delta_c + delta_t) with
 delta_c = eps tanh(G_c(x)) C and delta_t = clip(eps tanh(G_t(x)), +-eps LBP(x)) I (models.perturbators);
-both generators minimise the surrogate's CE + Dice on x_p every step, the surrogate minimises the same loss on
-x_p (generators frozen) every k-th step (`lax.cond`), after `surrogate_warmup` surrogate-only steps on clean
-batches. C, I and LBP come from the clean slice and its label.
+the surrogate (trained from scratch by default) minimises CE + Dice on x_p every k-th step with the generators
+frozen, and both generators minimise the frozen surrogate's CE + Dice on x_p on the other steps (`lax.cond`),
+after `surrogate_warmup` (default 0) surrogate-only steps on clean batches. The batch hallmark (surrogate CE on
+x_p over CE on x) is logged every step. C, I and LBP come from the clean slice and its label.
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ from mri_poison.models.perturbators import PerturbatorUNet, contour_delta, textu
 from mri_poison.ops import morphology, texture
 from mri_poison.train import parts as parts_lib
 
-METHODS = ("none", "random", "classwise", "minmin", "umed")
+METHODS = ("none", "random", "classwise", "classpattern", "minmin", "umed")
 NOISE_MODES = ("sample", "region")
 
 
@@ -63,18 +68,23 @@ def default_config() -> ml_collections.ConfigDict:
       seed=0,
       minmin=dict(
           mode="sample",  # "sample": one noise per slice record; "region": one per label class [paper baseline]
-          inner_steps=10,  # inner sign steps on delta per outer step [Huang et al.]
-          step_frac=0.125,  # inner step size = step_frac * eps (eps / 8) [Huang et al.]
-          steps=200,  # most outer steps [ours]
+          train_steps=10,  # surrogate steps per round [Huang et al.]
+          pgd_steps=20,  # sign steps on each record's noise per round [Huang et al.]
+          step_frac=0.1,  # noise step = step_frac * eps (0.8/255 at 8/255) [Huang et al.]
+          steps=30,  # most rounds [ours]
           lr=1e-3,  # surrogate Adam learning rate [ours]
-          stop_loss=0.05,  # stop when the EMA of the surrogate's voxel CE on protected batches <= this [ours]
+          stop_accuracy=0.99,  # stop once the surrogate's balanced voxel accuracy on protected data >= this
+                               # [Huang et al.: training accuracy > 99 %]
       ),
+      classpattern=dict(tile=2),  # side of the per-class sign tile [ours]
+      hallmark_max=0.3,  # a protection whose surrogate CE ratio (protected / clean) ends above this is "not
+                         # converged" and is not reported as a result [ours]
       umed=dict(
           steps=300,  # generator steps [ours]
           lr=1e-4,  # Adam lr of both perturbators [ref]
           surrogate_lr=1e-3,  # Adam lr of the surrogate [ours]
           k=5,  # the surrogate is updated every k-th step [ref]
-          width=3,  # contour band: dilate - erode with a width x width box [ref: w = 3]
+          width=7,  # contour band: dilate - erode with a width x width box [ref port: a 7-voxel kernel]
           theta=0.5,  # CDC theta [ref]
           features=(8, 16),  # perturbator U-Net widths [ours]
           surrogate_warmup=0,  # surrogate-only steps on clean data before the bi-level loop (in `steps`) [ours]
@@ -161,6 +171,17 @@ def classwise_noise(key, data: dict, eps: float, n_classes: int = 4):
                        jnp.asarray(data["brain"]), jnp.asarray(data["lo"]), jnp.asarray(data["hi"]), index, "region")
 
 
+def classpattern_noise(key, data: dict, eps: float, n_classes: int = 4, tile: int = 2):
+  """Protected images with one position-independent sign tile per label class repeated over the slice."""
+  x, y, c = np.shape(data["image"])[1:]
+  tile = int(tile)
+  tiles = jax.random.rademacher(key, (int(n_classes), tile, tile, c), jnp.float32)
+  u = eps * jnp.tile(tiles, (1, -(-x // tile), -(-y // tile), 1))[:, :x, :y]
+  index = jnp.arange(np.shape(data["image"])[0])
+  return _apply_minmin(u, jnp.asarray(data["image"]), jnp.asarray(data["label"]), jnp.asarray(data["range"]),
+                       jnp.asarray(data["brain"]), jnp.asarray(data["lo"]), jnp.asarray(data["hi"]), index, "region")
+
+
 # ------------------------------------------------------------------------------------------------ min-min
 
 
@@ -171,8 +192,9 @@ def minmin_init(apply_init, key, data: dict, tx, mode: str = "sample", n_classes
   init_key, rng = jax.random.split(key)
   shape = np.shape(data["image"])
   delta_shape = shape if mode == "sample" else (int(n_classes),) + tuple(shape[1:])
-  noise = {"delta": jnp.zeros(delta_shape, jnp.float32), "ema": jnp.asarray(10.0, jnp.float32),
-           "done": jnp.asarray(False), "stopped_at": jnp.asarray(-1, jnp.int32)}
+  last = {k: jnp.zeros((), jnp.float32) for k in ("accuracy", "ce_protected", "ce_clean", "hallmark")}
+  noise = {"delta": jnp.zeros(delta_shape, jnp.float32), "done": jnp.asarray(False),
+           "stopped_at": jnp.asarray(-1, jnp.int32), "last": last}
   return parts_lib.init_state({"surrogate": parts_lib.make_part(apply_init(init_key), tx), "noise": noise}, rng)
 
 
@@ -186,54 +208,84 @@ def _applied_noise(delta, index, label, rng, brain, mode):
   return u * rng[:, None, None, :] * brain[..., None]
 
 
+def fit_measures(apply_fn, params, data: dict, protected, n_classes: int, batch: int):
+  """(balanced voxel accuracy on `protected` brain voxels, mean voxel CE on `protected`, on the clean images),
+  over every record in batches of `batch` (compiled loop; records past N wrap around and count twice)."""
+  n = data["image"].shape[0]
+
+  def body(j, acc):
+    index = (j * batch + jnp.arange(batch)) % n
+    y, brain = data["label"][index], data["brain"][index]
+    logits_p = apply_fn(params, protected[index])
+    pred = jnp.argmax(logits_p, -1)
+    onehot = jax.nn.one_hot(y, n_classes, dtype=jnp.float32) * brain[..., None]
+    correct = jnp.sum(onehot * (pred == y)[..., None], axis=(0, 1, 2))
+    ce_p = jnp.sum(losses.cross_entropy(logits_p, y))
+    ce_c = jnp.sum(losses.cross_entropy(apply_fn(params, data["image"][index]), y))
+    return acc[0] + correct, acc[1] + jnp.sum(onehot, axis=(0, 1, 2)), acc[2] + ce_p, acc[3] + ce_c
+
+  zeros = jnp.zeros((n_classes,), jnp.float32)
+  correct, total, ce_p, ce_c = jax.lax.fori_loop(0, -(-n // batch), body, (zeros, zeros, 0.0, 0.0))
+  present = total > 0
+  balanced = jnp.sum(jnp.where(present, correct / jnp.maximum(total, 1.0), 0.0)) / jnp.maximum(jnp.sum(present), 1)
+  return balanced, ce_p, ce_c
+
+
 @functools.lru_cache(maxsize=8)
-def minmin_step_fn(apply_fn, tx, *, batch: int, eps: float, inner_steps: int, step_frac: float,
-                   stop_loss: float, mode: str = "sample"):
-  """`step(state, batch_unused, data) -> (state, metrics)` for `fit` (data: `slice_set` arrays as a step arg)."""
+def minmin_step_fn(apply_fn, tx, *, batch: int, eps: float, train_steps: int, pgd_steps: int, step_frac: float,
+                   stop_accuracy: float, mode: str = "sample", n_classes: int = 4):
+  """One round of Huang et al.'s schedule as a `fit` step: `step(state, batch_unused, data) -> (state, metrics)`
+  (data: `slice_set` arrays as a step argument)."""
 
   def loss_of(params, x, y):
     return losses.ce_dice(apply_fn(params, x, train=True), y)
 
+  def protect(b, index, u):
+    noise = _applied_noise(u, index, b["label"], b["range"], b["brain"], mode)
+    return jnp.clip(b["image"] + noise, b["lo"][:, None, None, :], b["hi"][:, None, None, :])
+
   def active(state, data):
     n = data["image"].shape[0]
     key = jax.random.fold_in(state["rng"], state["step"])
-    index = _sample_index(key, n, batch)
-    b = _gather(data, index)
-    params = state["surrogate"]["params"]
     delta = state["noise"]["delta"]
-    lo, hi = b["lo"][:, None, None, :], b["hi"][:, None, None, :]
 
-    def protect(u):
-      return jnp.clip(b["image"] + _applied_noise(u, index, b["label"], b["range"], b["brain"], mode), lo, hi)
+    def train_body(i, part):
+      index = _sample_index(jax.random.fold_in(key, i), n, batch)
+      b = _gather(data, index)
+      x_p = protect(b, index, delta[index] if mode == "sample" else delta)
+      grads = jax.grad(lambda p: jnp.mean(loss_of(p, x_p, b["label"])))(part["params"])
+      return parts_lib.apply_gradients(part, grads, tx)
 
-    def objective(u, _):
-      per_example = loss_of(params, protect(u), b["label"])
-      return per_example if mode == "sample" else jnp.mean(per_example)[None]
+    surrogate = jax.lax.fori_loop(0, int(train_steps), train_body, state["surrogate"])
+    params = surrogate["params"]
 
-    u0 = delta[index] if mode == "sample" else delta
-    project = lambda u: jnp.clip(u, -eps, eps)
-    u, hist = optimize(objective, u0, update=sign_step(step_frac * eps), steps=inner_steps, project=project)
-    delta = delta.at[index].set(u) if mode == "sample" else u
-    x_p = jax.lax.stop_gradient(protect(u))
+    def noise_body(j, delta):
+      index = (j * batch + jnp.arange(batch)) % n
+      b = _gather(data, index)
 
-    def surrogate_loss(p):
-      logits = apply_fn(p, x_p, train=True)
-      ce = jnp.mean(losses.cross_entropy(logits, b["label"]))
-      return ce + jnp.mean(losses.soft_dice(logits, b["label"])), ce
+      def objective(u, _):
+        per_example = loss_of(params, protect(b, index, u), b["label"])
+        return per_example if mode == "sample" else jnp.mean(per_example)[None]
 
-    (loss, ce), grads = jax.value_and_grad(surrogate_loss, has_aux=True)(params)
-    surrogate = parts_lib.apply_gradients(state["surrogate"], grads, tx)
-    ema = 0.9 * state["noise"]["ema"] + 0.1 * ce
-    done = ema <= stop_loss
-    noise = {"delta": delta, "ema": ema, "done": done,
+      u0 = delta[index] if mode == "sample" else delta
+      u, _ = optimize(objective, u0, update=sign_step(step_frac * eps), steps=int(pgd_steps),
+                      project=lambda v: jnp.clip(v, -eps, eps))
+      return delta.at[index].set(u) if mode == "sample" else u
+
+    delta = jax.lax.fori_loop(0, -(-n // batch), noise_body, delta)
+    index = jnp.arange(n)
+    protected = protect(data, index, delta)
+    accuracy, ce_p, ce_c = fit_measures(apply_fn, params, data, protected, n_classes, batch)
+    done = accuracy >= stop_accuracy
+    metrics = {"accuracy": accuracy, "ce_protected": ce_p / n, "ce_clean": ce_c / n,
+               "hallmark": ce_p / jnp.maximum(ce_c, 1e-12)}
+    noise = {"delta": delta, "done": done, "last": metrics,
              "stopped_at": jnp.where(done, state["step"] + 1, state["noise"]["stopped_at"])}
-    metrics = {"loss": loss, "ce": ce, "ema": ema, "inner_gain": jnp.mean(hist["objective"][0] - hist["objective"][-1])}
-    return {**state, "surrogate": surrogate, "noise": noise}, metrics
+    return {**state, "surrogate": surrogate, "noise": noise}, dict(metrics)
 
-  def idle(state, data):
+  def idle(state, data):  # stopped: nothing moves; the log repeats the last round's measures
     del data
-    ema = state["noise"]["ema"]
-    return state, {"loss": ema, "ce": ema, "ema": ema, "inner_gain": jnp.zeros(())}
+    return state, dict(state["noise"]["last"])
 
   def step(state, unused_batch, data):
     new, metrics = jax.lax.cond(state["noise"]["done"], idle, active, state, data)
@@ -311,36 +363,34 @@ def umed_step_fn(g_c, g_t, apply_fn, txs: tuple, *, batch: int, eps: float, k: i
     b = _gather(data, _sample_index(key, data["image"].shape[0], batch))
     loss, grads = jax.value_and_grad(loss_of)(state["surrogate"]["params"], b["image"], b["label"])
     surrogate = parts_lib.apply_gradients(state["surrogate"], grads, tx_s)
-    return {**state, "surrogate": surrogate, "step": state["step"] + 1}, {"loss": loss, "linf_scaled": jnp.zeros(())}
+    return {**state, "surrogate": surrogate, "step": state["step"] + 1}, {"loss": loss, "hallmark": jnp.ones(()),
+                                                                          "linf_scaled": jnp.zeros(())}
 
   def bilevel_step(state, data):
     key = jax.random.fold_in(state["rng"], state["step"])
     b = _gather(data, _sample_index(key, data["image"].shape[0], batch))
-    s_params = state["surrogate"]["params"]
-
-    def gen_loss(gp):
-      x_p = umed_protect_batch(g_c, g_t, gp["contour"], gp["texture"], b, eps)
-      return loss_of(s_params, x_p, b["label"])
-
     gp = {"contour": state["contour"]["params"], "texture": state["texture"]["params"]}
-    g_loss, g_grads = jax.value_and_grad(gen_loss)(gp)
-    contour = parts_lib.apply_gradients(state["contour"], g_grads["contour"], tx_c)
-    texture_part = parts_lib.apply_gradients(state["texture"], g_grads["texture"], tx_t)
-    x_p = jax.lax.stop_gradient(umed_protect_batch(g_c, g_t, contour["params"], texture_part["params"], b, eps))
+    x_p = jax.lax.stop_gradient(umed_protect_batch(g_c, g_t, gp["contour"], gp["texture"], b, eps))
 
-    def update_surrogate(part):
-      loss, grads = jax.value_and_grad(loss_of)(part["params"], x_p, b["label"])
-      return parts_lib.apply_gradients(part, grads, tx_s), loss
+    def surrogate_turn(state):  # every k-th step: the surrogate learns the protected batch, generators frozen
+      loss, grads = jax.value_and_grad(loss_of)(state["surrogate"]["params"], x_p, b["label"])
+      return {**state, "surrogate": parts_lib.apply_gradients(state["surrogate"], grads, tx_s)}, loss
 
-    def keep(part):
-      return part, g_loss
+    def generator_turn(state):  # the other steps: the generators lower the (frozen) surrogate's loss
+      s_params = state["surrogate"]["params"]
+      loss, grads = jax.value_and_grad(
+          lambda g: loss_of(s_params, umed_protect_batch(g_c, g_t, g["contour"], g["texture"], b, eps),
+                            b["label"]))(gp)
+      return {**state, "contour": parts_lib.apply_gradients(state["contour"], grads["contour"], tx_c),
+              "texture": parts_lib.apply_gradients(state["texture"], grads["texture"], tx_t)}, loss
 
-    # The surrogate's loss on x_p before its update (every step: the generators' objective).
-    surrogate, _ = jax.lax.cond(state["step"] % k == 0, update_surrogate, keep, state["surrogate"])
-    delta = x_p - b["image"]
-    metrics = {"loss": g_loss, "linf_scaled": jnp.max(jnp.abs(delta) / b["range"][:, None, None, :])}
-    return {**state, "contour": contour, "texture": texture_part, "surrogate": surrogate,
-            "step": state["step"] + 1}, metrics
+    new, loss = jax.lax.cond(state["step"] % k == 0, surrogate_turn, generator_turn, state)
+    s_params = state["surrogate"]["params"]
+    ce_p = jnp.mean(losses.cross_entropy(apply_fn(s_params, x_p), b["label"]))
+    ce_c = jnp.mean(losses.cross_entropy(apply_fn(s_params, b["image"]), b["label"]))
+    metrics = {"loss": loss, "hallmark": ce_p / jnp.maximum(ce_c, 1e-12),
+               "linf_scaled": jnp.max(jnp.abs(x_p - b["image"]) / b["range"][:, None, None, :])}
+    return {**new, "step": state["step"] + 1}, metrics
 
   return step
 

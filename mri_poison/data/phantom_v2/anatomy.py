@@ -225,7 +225,7 @@ def subject_coords(warp: dict, shape, spacing: float) -> np.ndarray:
   # Pull-back: subject voxel p reads template voxel centre + A (p + u(p) - centre) - shift.
   matrix = _rotation(warp["angles"]) / np.asarray(warp["scale"])[None, :]
   offset = centre - matrix @ centre - np.asarray(warp["shift_mm"]) / spacing
-  with jax.default_device(jax.devices("cpu")[0]):
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
     coords = _subject_coords(jnp.asarray(warp["velocity"]), jnp.asarray(matrix, jnp.float32),
                              jnp.asarray(offset, jnp.float32), shape)
     return np.asarray(coords)
@@ -240,7 +240,7 @@ def _subject_coords(velocity, matrix, offset, shape):
 def pull_back(maps: np.ndarray, coords: np.ndarray, *, cval: np.ndarray | float = 0.0) -> np.ndarray:
   """maps (X, Y, Z, K) read linearly at voxel coordinates (X', Y', Z', 3); outside the grid reads `cval` (per K)."""
   cval = np.broadcast_to(np.asarray(cval, np.float32), maps.shape[-1:])
-  with jax.default_device(jax.devices("cpu")[0]):
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
     out = _pull_back(jnp.asarray(maps - cval), jnp.asarray(coords, jnp.float32))
     return np.asarray(out) + cval
 

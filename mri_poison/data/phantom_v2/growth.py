@@ -136,7 +136,7 @@ def grow(rng: np.random.Generator, maps: np.ndarray, tcoords: np.ndarray, spacin
     u0 += a * np.exp(-0.5 * (np.linalg.norm(grid - s_vox * spacing, axis=-1) / 3.0) ** 2)
   target = 4.0 / 3.0 * np.pi * p["core_radius"] ** 3 / hg ** 3
   dt = min(0.9 * hg ** 2 / (6.0 * float(diff.max()) + 1e-6), 0.5)
-  with jax.default_device(jax.devices("cpu")[0]):
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
     u, steps = _fisher_kolmogorov(jnp.asarray(diff, jnp.float32), jnp.asarray(u0), jnp.float32(dt / hg ** 2),
                                   jnp.float32(dt), jnp.float32(p["core_level"]), jnp.float32(target),
                                   jnp.int32(3 * (p["core_radius"] / (2 * p["front_mm"]) + 10) / dt + 50))

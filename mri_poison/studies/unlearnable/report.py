@@ -16,7 +16,9 @@ PAPER = {"psnr_db": 50.03, "dsc_clean_pct": 82.18, "dsc_protected_pct": 6.80}
 METHOD_TEXT = {
     "none": "no protection (clean training data)",
     "random": "random sign noise of the same L-inf budget on the brain",
-    "classwise": "class-wise random noise: one fixed random sign pattern per label class (sanity shortcut)",
+    "classwise": "class-wise random noise: one fixed random sign pattern per label class and position",
+    "classpattern": "class pattern: one 2x2 sign tile per label class repeated over the slice (positive control: "
+                    "a shortcut a convolution reads anywhere)",
     "minmin": "error-minimising noise (min-min, Huang et al. 2021) on the brain",
     "umed": "UMed: contour (CDC U-Net) + texture (LBP-clipped U-Net) perturbations on the tumour and its band",
 }
@@ -323,10 +325,11 @@ def diagnosis(config, by, q, headline) -> list[str]:
   eps = float(config.protect.eps)
   contrast = headline.get("tumour_contrast_over_eps")
   if contrast is not None and np.isfinite(contrast):
-    out.append(f"Why it is hard on this data: tumour and surrounding brain differ by {contrast:.0f} x the budget "
+    out.append(f"Tumour contrast in budgets: tumour and surrounding brain differ by {contrast:.0f} x the budget "
                f"(median over training cases of the largest per-channel mean difference / (eps x range), eps = "
-               f"{eps * 255:.3g}/255). A budget-sized perturbation is a far weaker cue than the real contrast, so a "
-               "victim has no reason to prefer the shortcut.")
+               f"{eps * 255:.3g}/255). Hypothesis, not a measured cause: the larger this ratio, the weaker a "
+               "budget-sized shortcut is next to the real feature; the phase map (data difficulty x budget) is where "
+               "it is tested.")
   for m, a in headline.get("contrast_alignment", {}).items():
     if m in ("minmin", "umed") and np.isfinite(a):
       out.append(f"Direction of `{m}`: its perturbation adds {a:+.2f} budgets to the tumour-vs-brain contrast "
@@ -343,12 +346,19 @@ def diagnosis(config, by, q, headline) -> list[str]:
                f"{r['gap']:+.3f}): " + ("it relies on the perturbation (a shortcut was learned)." if learned else
                                         "it does not rely on the perturbation (no shortcut learned; it learned the "
                                         "real tumour appearance)."))
+  hallmark_max = float(config.protect.get("hallmark_max", 0.3))
   for m, inf in headline.get("protection_info", {}).items():
     if "surrogate_ce_protected" in inf:
-      out.append(f"Surrogate fit `{m}`: the protection's surrogate has voxel CE {inf['surrogate_ce_protected']:.4f} "
-                 f"on the protected and {inf['surrogate_ce_clean']:.4f} on the clean training slices"
-                 + (f"; min-min stopped at step {inf['stopped_at']} (-1: ran all steps)" if "stopped_at" in inf else "")
-                 + ".")
+      ratio = inf.get("hallmark", inf["surrogate_ce_protected"] / max(inf["surrogate_ce_clean"], 1e-12))
+      verdict = ("converged: the noise, not the tumour, is what the surrogate fits" if ratio <= hallmark_max else
+                 f"NOT CONVERGED (ratio above {hallmark_max:g}): no error-minimising noise was produced, so this "
+                 "protection's victim numbers are not a result about the method")
+      victim = (f"; the victim trained on it has ratio {inf['victim_hallmark']:.2f}" if "victim_hallmark" in inf
+                else "")
+      out.append(f"Hallmark `{m}`: the surrogate's voxel CE is {inf['surrogate_ce_protected']:.4f} on the protected "
+                 f"and {inf['surrogate_ce_clean']:.4f} on the clean training slices, ratio {ratio:.2f}{victim}"
+                 + (f"; min-min stopped at round {inf['stopped_at']} (-1: never reached the accuracy rule)"
+                    if "stopped_at" in inf else "") + f" -- {verdict}.")
   sweep = headline.get("sweep") or []
   if sweep:
     method = str(config.protect.sweep_method)
@@ -492,16 +502,21 @@ def write_report(config, workdir, vrows, qrows, comp, figs, headline, srows=(), 
       f"Surrogate and victims: U-Net features {tuple(config.model.features)}, {config.model.norm} norm; victims "
       f"{int(config.train.steps)} steps, batch {int(d.batch_size)}, AdamW lr {float(config.train.lr):g}, CE + Dice "
       "(*defaults chosen here*).",
-      f"Min-min ({p.minmin.mode}-wise): {int(p.minmin.inner_steps)} sign steps of {float(p.minmin.step_frac):g} eps "
-      f"per outer step, surrogate Adam lr {float(p.minmin.lr):g}, at most {int(p.minmin.steps)} steps; stops when "
-      f"the EMA of the surrogate's CE + Dice on protected batches <= {float(p.minmin.stop_loss):g} "
-      f"(stopped at step {headline['protection_info'].get('minmin', {}).get('stopped_at', 'n/a')}; -1 = ran all "
-      "steps) [*defaults chosen here*, schedule after Huang et al.].",
+      f"Min-min ({p.minmin.mode}-wise, Huang et al.'s schedule): rounds of {int(p.minmin.train_steps)} surrogate "
+      f"steps (Adam lr {float(p.minmin.lr):g}) then a pass over every training slice of {int(p.minmin.pgd_steps)} "
+      f"sign steps of {float(p.minmin.step_frac):g} eps on its noise (minimising CE + Dice), at most "
+      f"{int(p.minmin.steps)} rounds; stops once the surrogate's class-balanced voxel accuracy on the protected "
+      f"brain voxels >= {float(p.minmin.stop_accuracy):g} (stopped at round "
+      f"{headline['protection_info'].get('minmin', {}).get('stopped_at', 'n/a')}; -1 = never) [rounds and lr "
+      "*defaults chosen here*]. A protection whose hallmark ratio (surrogate CE protected / clean) ends above "
+      f"{float(p.get('hallmark_max', 0.3)):g} is labelled not converged.",
       f"UMed: contour band width {int(p.umed.width)} (dilate - erode), CDC theta {float(p.umed.theta):g}, "
       f"perturbators lr {float(p.umed.lr):g}, surrogate updated every k = {int(p.umed.k)} steps (lr "
       f"{float(p.umed.surrogate_lr):g}), {int(p.umed.steps)} steps of which the first "
-      f"{int(p.umed.get('surrogate_warmup', 0))} train the surrogate alone on clean slices, perturbator U-Nets "
-      f"{tuple(p.umed.features)} [ref: width 3, theta 0.5, lr 1e-4, k 5; the rest *defaults chosen here*].",
+      f"{int(p.umed.get('surrogate_warmup', 0))} train the surrogate alone on clean slices (0: from scratch, as the "
+      "paper), generators updated on the other k - 1 of every k steps only, texture clipped by standard LBP (>=), "
+      f"perturbator U-Nets {tuple(p.umed.features)} [ref: theta 0.5, lr 1e-4, k 5, 7-voxel band kernel; the rest "
+      "*defaults chosen here*].",
       "Random: random sign noise, +-eps x range on every brain voxel. Class-wise: one fixed random sign pattern "
       "per label class (background, necrosis, oedema, enhancing), +-eps x range where the label has that class "
       "(the classification literature's easiest shortcut; a sanity check of the mechanism).",

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mri_poison import metrics
+from mri_poison import io_utils, metrics
 from mri_poison.ops import morphology
 from mri_poison.poison import protected_io
 from mri_poison.poison import unlearnable as ul
@@ -121,24 +121,33 @@ def protect(method: str, config, workdir: str, data: dict, eps: float | None = N
     return np.asarray(ul.random_noise(jax.random.fold_in(key, 1), data, eps)), {}
   if method == "classwise":
     return np.asarray(ul.classwise_noise(jax.random.fold_in(key, 4), data, eps, int(config.model.out_channels))), {}
+  if method == "classpattern":
+    return np.asarray(ul.classpattern_noise(jax.random.fold_in(key, 5), data, eps, int(config.model.out_channels),
+                                            int(p.classpattern.tile))), {}
   device_data = {k: jnp.asarray(v) for k, v in data.items()}
   model, surrogate_init = _surrogate_init(config, shape)
   apply_fn = state_lib.make_apply_fn(model)
 
-  def fitted(params, images):  # did the surrogate fit the protected data better than the clean data?
-    return {"surrogate_ce_protected": ul.surrogate_ce(apply_fn, params, images, data["label"]),
-            "surrogate_ce_clean": ul.surrogate_ce(apply_fn, params, data["image"], data["label"])}
+  def fitted(params, images):  # the hallmark: did the surrogate fit the protected data far better than the clean?
+    ce_p = ul.surrogate_ce(apply_fn, params, images, data["label"])
+    ce_c = ul.surrogate_ce(apply_fn, params, data["image"], data["label"])
+    ratio = ce_p / max(ce_c, 1e-12)
+    return {"surrogate_ce_protected": ce_p, "surrogate_ce_clean": ce_c, "hallmark": ratio,
+            "converged": bool(ratio <= float(p.hallmark_max))}
 
   if method == "minmin":
     m = p.minmin
     tx = optax.adam(float(m.lr))
     init = ul.minmin_init(surrogate_init, jax.random.fold_in(key, 2), data, tx, str(m.mode))
-    step = ul.minmin_step_fn(apply_fn, tx, batch=int(p.batch), eps=eps, inner_steps=int(m.inner_steps),
-                             step_frac=float(m.step_frac), stop_loss=float(m.stop_loss), mode=str(m.mode))
+    step = ul.minmin_step_fn(apply_fn, tx, batch=int(p.batch), eps=eps, train_steps=int(m.train_steps),
+                             pgd_steps=int(m.pgd_steps), step_frac=float(m.step_frac),
+                             stop_accuracy=float(m.stop_accuracy), mode=str(m.mode),
+                             n_classes=int(config.model.out_channels))
     state = trainer.fit(_protect_config(config, method, int(m.steps)), run_dir,
                         init_state=init, step_fn=step, step_args=(device_data,))
     images = np.asarray(ul.minmin_protect(state, data, str(m.mode)))
-    return images, {"stopped_at": int(state["noise"]["stopped_at"]), "final_ema_ce": float(state["noise"]["ema"]),
+    return images, {"stopped_at": int(state["noise"]["stopped_at"]),
+                    "accuracy": float(state["noise"]["last"]["accuracy"]),
                     **fitted(state["surrogate"]["params"], images)}
   if method == "umed":
     u = p.umed
@@ -273,7 +282,25 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   _check_config(config)
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
     train_cases, test_cases = common.train_and_held_out(config.data, splits, "clean test cases")
-    return _run(config, workdir, train_cases, test_cases, t_start)
+    headline = _run(config, workdir, train_cases, test_cases, t_start)
+    if config.phase_map.get("enabled", False):
+      from mri_poison.studies.unlearnable import phase_map  # pylint: disable=g-import-not-at-top
+      result = phase_map.run(config, os.path.join(workdir, "phase_map"))
+      headline["phase_map"] = {k: result[k] for k in ("axis", "values", "eps", "methods", "boundary")}
+      _append_phase_map(workdir, result)
+    return headline
+
+
+def _append_phase_map(workdir: str, result: dict) -> None:
+  from mri_poison.studies.unlearnable import phase_map  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "report.md")
+  text = open(path).read() if os.path.exists(path) else ""
+  section = ["", "## Phase map: where protections work", "",
+             f"Victims trained on protected data, tested on clean data, across `{result['axis']}` (the data's "
+             "difficulty) and the budget; drop = clean victim - protected victim, mean Dice of WT / TC / ET, 95 % "
+             "bootstrap CI over test cases (one training run per point: exploratory).", "",
+             "![phase map](phase_map/figures/phase_map.png)", ""] + phase_map.markdown_lines(result)
+  io_utils.write_text(path, text.rstrip("\n") + "\n" + "\n".join(section) + "\n")
 
 
 def _run(config, workdir, train_cases, test_cases, t_start):
@@ -343,6 +370,11 @@ def _run(config, workdir, train_cases, test_cases, t_start):
           table.add(c, arrays["case_id"], score(apply_fn, params, arrays, config))
           table.save()
         shortcut_cells[(name, split)] = c
+      if fraction == 1.0 and method != "none":  # the victim's hallmark: its CE on what it saw vs the clean slices
+        seen = ul.slice_set(cases, width=width)["image"]
+        ce_p = ul.surrogate_ce(apply_fn, params, seen, data["label"])
+        ce_c = ul.surrogate_ce(apply_fn, params, data["image"], data["label"])
+        info[protection_name(method, eps, config)]["victim_hallmark"] = ce_p / max(ce_c, 1e-12)
     progress.update(i + 1)
   victims_s = time.perf_counter() - t0
 

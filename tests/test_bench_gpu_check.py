@@ -1,0 +1,52 @@
+"""experiments/bench/gpu_check.py: the dry run of every GPU job, and the budget / cap / skip logic."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(out_dir, *flags, timeout=900):
+  t = time.monotonic()
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench.gpu_check", "--dry_run", f"--out_dir={out_dir}",
+                         *flags], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  with open(os.path.join(out_dir, "gpu_check.json")) as f:
+    return proc, json.load(f), time.monotonic() - t
+
+
+def test_dry_run_within_its_budget(tmp_path):
+  """One job of each kind (the full dry run, 14 jobs, is ~6 min of compiles: `python -m
+  experiments.bench.gpu_check --dry_run`), under a budget that cannot fit them all: jobs that run are ok with
+  numbers, the rest are skipped saying why, and the command returns within its budget."""
+  budget = 75.0
+  proc, summary, wall = _run(tmp_path, f"--budget_s={budget}",
+                             "--only=unet128,peer128,pgd,sweep,sliding,study_unlearnable")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert wall <= budget + 8, wall  # + interpreter start-up and the final write
+  jobs = {j["name"]: j for j in summary["jobs"]}
+  assert len(jobs) == 6
+  for name, job in jobs.items():
+    assert job["status"] in ("ok", "skipped"), (name, job.get("reason"), job.get("stderr_tail"))
+    if job["status"] == "skipped":
+      assert job["reason"], name  # torch / a GPU missing, or the budget spent: said so
+    else:
+      assert 0 < job["wall_s"] <= job["cap_s"] + 1 and job["cap_s"] <= budget
+  assert jobs["unet128"]["status"] == "ok" and jobs["pgd"]["status"] == "ok"
+  assert jobs["unet128"]["result"]["step_ms"] > 0 and jobs["unet128"]["result"]["peak"]["host_max_rss_bytes"] > 0
+  assert jobs["pgd"]["result"]["pgd_ms"] > 0 and jobs["pgd"]["result"]["steps"] == 10
+  if jobs["sweep"]["status"] == "ok":
+    assert {"2d", "3d"} <= set(jobs["sweep"]["result"]) and jobs["sweep"]["result"]["3d"]["speedup"] > 0
+  ratios = summary["ratios"]
+  assert set(ratios) >= {"unet_step_vs_torch_compile_128", "pgd10_speedup_vs_torchattacks", "sweep_speedup_2d",
+                         "sweep_speedup_3d", "vmapped_vs_sequential"}
+  assert ratios["vmapped_vs_sequential"]["met"] is None  # the poisoning job did not run
+  assert ratios["vmapped_vs_sequential"]["target"] == 2.0 and ratios["sweep_speedup_2d"]["target"] == 1.5
+  if jobs["peer128"]["status"] == "skipped":  # no peer: the ratios against it say why they are missing
+    assert ratios["unet_step_vs_torch_compile_128"]["met"] is None
+    assert "peer128" in ratios["unet_step_vs_torch_compile_128"]["note"]
+  md = (tmp_path / "gpu_check.md").read_text()
+  assert "| 1 | unet128 | ok |" in md
+  assert "# gpu_check" not in __import__("experiments.bench.gpu_check", fromlist=["x"]).results_section(summary)
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp_")]  # atomic writes left nothing behind
