@@ -23,15 +23,18 @@ def test_dry_run_within_its_budget(tmp_path):
   budget = 75.0
   proc, summary, wall = _run(tmp_path, f"--budget_s={budget}",
                              "--only=unet128,peer128,pgd,sweep,sliding,study_unlearnable")
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert wall <= budget + 8, wall  # + interpreter start-up and the final write
   jobs = {j["name"]: j for j in summary["jobs"]}
   assert len(jobs) == 6
+  # On a loaded CI machine a job may reach its (budget-shortened) cap: killed and said so, which the command's
+  # exit status reports. A crash ("failed") never passes.
+  timed_out = [n for n, j in jobs.items() if j["status"] == "timeout"]
+  assert proc.returncode == (1 if timed_out else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
   for name, job in jobs.items():
-    assert job["status"] in ("ok", "skipped"), (name, job.get("reason"), job.get("stderr_tail"))
-    if job["status"] == "skipped":
-      assert job["reason"], name  # torch / a GPU missing, or the budget spent: said so
-    else:
+    assert job["status"] in ("ok", "skipped", "timeout"), (name, job.get("reason"), job.get("stderr_tail"))
+    if job["status"] != "ok":
+      assert job["reason"], name  # torch / a GPU missing, the budget spent, the cap reached: said so
+    if job["status"] != "skipped":
       assert 0 < job["wall_s"] <= job["cap_s"] + 1 and job["cap_s"] <= budget
   assert jobs["unet128"]["status"] == "ok" and jobs["pgd"]["status"] == "ok"
   assert jobs["unet128"]["result"]["step_ms"] > 0 and jobs["unet128"]["result"]["peak"]["host_max_rss_bytes"] > 0

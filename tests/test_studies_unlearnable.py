@@ -18,7 +18,8 @@ def _tiny_config():
   config.train.update(dict(steps=6, log_every=6, ckpt_every=6, warmup_steps=1))
   # UMed and min-min are trained in tests/test_poison_unlearnable.py; here the study's plumbing, on random noise.
   config.protect.update(dict(methods=("none", "random"), fractions=(0.5, 1.0), batch=4, partial_method="random"))
-  config.counter.update(dict(regimes=("standard", "purify"), methods=("random",)))
+  config.counter.update(dict(regimes=("standard", "purify", "transfer"), methods=("random",)))
+  config.counter.transfer.features = (6,)
   config.protect.sweep_eps = ()  # the budget sweep's and the seed replicates' plan: tested in test_victim_plan
   config.replicates.methods = ()
   config.eval.update(dict(write_cases=1, slice_batch=4))
@@ -28,7 +29,8 @@ def _tiny_config():
 def test_config_variants_resolve():
   for v in config_lib.VARIANTS:
     c = config_lib.get_config(v)
-    assert c.protect.eps == pytest.approx(4 / 255) and c.protect.umed.k == 5 and c.protect.umed.width == 7
+    assert c.protect.eps == pytest.approx(16 / 255 if v == "countered" else 4 / 255)
+    assert c.protect.umed.k == 5 and c.protect.umed.width == 7
     assert c.protect.methods[0] == "none" and c.counter.regimes[0] == "standard"
     assert "classpattern" in c.protect.methods and "classpattern" in c.phase_map.methods  # the positive control
     assert c.protect.umed.surrogate_warmup == 0
@@ -67,10 +69,16 @@ def test_tiny_study_end_to_end(tmp_path):
   assert os.path.exists(os.path.join(workdir, "report.md"))
   for f in ("dice_vs_method.png", "example.png", "partial.png"):
     assert os.path.getsize(os.path.join(workdir, "figures", f)) > 1000
-  victims = {"none/standard", "random/standard", "none/purify", "random/purify", "random@0.5/standard"}
+  victims = {"none/standard", "random/standard", "none/purify", "random/purify", "random@0.5/standard",
+             "none/transfer", "random/transfer"}
   assert set(headline["dice"]) == victims
   for d in headline["dice"].values():
     assert 0.0 <= d["ci"][0] <= d["mean"] <= d["ci"][1] <= 1.0
+  # the transfer victim is trained and scored as counter.transfer's architecture, not the surrogate's
+  from mri_poison.train import loop as train_loop
+  apply_fn, params, vcfg = train_loop.load_model(workdir, "none_transfer")
+  assert tuple(vcfg.model.features) == (6,) and tuple(config.model.features) != (6,)
+  assert apply_fn(params, np.zeros((1, 16, 16, 4), np.float32)).shape == (1, 16, 16, 4)
   assert headline["psnr_db"]["none"] == 200.0  # identical images (capped)
   with open(os.path.join(workdir, "results", "quality.csv")) as f:
     quality = {r["method"]: r for r in csv.DictReader(f)}

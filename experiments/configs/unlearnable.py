@@ -22,6 +22,9 @@ Variants:
             min-min followed Huang et al.'s schedule, now ~5-9 min more for its 10 rounds (not re-timed).
   phase_map CPU: runlocal sizes with 20 test cases, then the phase map over tumour contrast (0.15, 0.4, 1) x
             budget (4, 8, 16)/255 x (class pattern, min-min, UMed, random).
+  countered CPU: phantom sizes at 16/255 (27 dB), a budget where the class pattern works (RESULTS.md, phase
+            map): every counter-measure against the class pattern and min-min there; no UMed, no sweep;
+            10.4 min on 2 cores (results in RESULTS.md).
   brats     GPU: BraTS folder at --config.data.root, whole 2D axial slices of a 128^3 grid, 50 test cases,
             long protection and victim runs (UMed at the reference lr 1e-4). Not run here.
 Settings the paper leaves open are defaults chosen here (marked [ours]); [ref]: a third-party UMed
@@ -35,7 +38,7 @@ from mri_poison.data.datasets import default_data_config
 from mri_poison.defenses import adversarial
 from mri_poison.poison import unlearnable
 
-VARIANTS = ("runlocal", "phantom", "phase_map", "brats")
+VARIANTS = ("runlocal", "phantom", "phase_map", "countered", "brats")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -80,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.replicates = ml_collections.ConfigDict(dict(methods=("none", "umed"), seeds=(1, 2)))
 
   config.counter = ml_collections.ConfigDict(dict(
-      regimes=("standard", "adversarial", "augment", "purify"),  # "standard" first
+      regimes=("standard", "adversarial", "augment", "purify", "transfer"),  # "standard" first
       methods=("minmin", "umed"),  # protections the non-standard regimes are tried against (and "none") [ours]
       adversarial=dict(adversarial.default_config().to_dict(),
                        # mix_ratio 0.75: with batch 8 and 4 channels, 0.5 trips defenses.adversarial's eps-shape check
@@ -89,7 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       augment=dict(flip=True, scale=0.2, shift=0.2,  # pipeline flips and per-channel gain / offset [ours]
                    blur_sigma=1.0, blur_prob=0.5),  # Gaussian blur sigma ~ U(0, blur_sigma) with prob [ours]
       purify=dict(kind="gaussian",  # "gaussian" (slice-wise smoothing) | "quantize" (grey levels) [ours]
-                  sigma=1.0, levels=32)))
+                  sigma=1.0, levels=32),
+      # The transfer victim: config.model with these fields, an architecture other than the surrogate's
+      # (shallower and wider, group norm, ReLU) [ours]
+      transfer=dict(features=(12, 24), norm="group", activation="relu")))
   # The phase map (mri_poison.studies.unlearnable.phase_map): data difficulty x budget, colour = victim Dice drop.
   # Run after the study when `enabled`; the `phase_map` variant is the full grid (~10-15 min on 2 cores) [ours].
   config.phase_map = ml_collections.ConfigDict(dict(
@@ -121,6 +127,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.update(dict(n_cases=26, n_val=20))
     config.phase_map.update(dict(enabled=True, levels=(0.15, 0.4, 1.0), eps=(4 / 255, 8 / 255, 16 / 255),
                                  methods=("classpattern", "minmin", "umed", "random")))
+  elif variant == "countered":  # [ours] the counter-measures where a protection works
+    p.update(dict(eps=16 / 255, methods=("none", "random", "classpattern", "minmin"), partial_method="classpattern",
+                  sweep_eps=()))
+    config.counter.methods = ("classpattern", "minmin")
+    config.counter.adversarial.eps_scaled = 32 / 255  # 2x the protection budget, as the default
+    config.replicates.methods = ("none", "classpattern")
   elif variant == "brats":
     d.update(dict(source="brats", root="", n_cases=0, n_val=50, phantom_shape=(128, 128, 128),
                   shape=(128, 128, 128), patch_shape=(128, 128), batch_size=32, read_threads=8, prefetch=8))
@@ -129,6 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.update(dict(steps=20000, lr=1e-3, warmup_steps=500, log_every=200, ckpt_every=2000))
     p.update(dict(batch=32))
     p.minmin.update(dict(steps=200, lr=1e-3))
+    config.counter.transfer.features = (48, 96, 192)
     p.umed.update(dict(steps=20000, features=(16, 32, 64), lr=1e-4, surrogate_lr=1e-3))  # [ref] lr
     p.fractions = (0.25, 0.5, 0.75, 1.0)
     p.sweep_eps = (8 / 255, 16 / 255)

@@ -8,6 +8,8 @@
   purify       the protected training images pass through a simple purification before training: slice-wise
                Gaussian smoothing ("gaussian", sigma) or JPEG-like quantisation of each slice to `levels` grey
                levels over the case's range ("quantize"); background stays 0.
+  transfer     plain training of a victim whose architecture differs from the surrogate's (config.model with
+               counter.transfer's fields: other widths, norm and activation): does the protection transfer?
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from scipy import ndimage
 
 from mri_poison.defenses import adversarial as adv_lib
 
-REGIMES = ("standard", "adversarial", "augment", "purify")
+REGIMES = ("standard", "adversarial", "augment", "purify", "transfer")
 PURIFIERS = ("gaussian", "quantize")
 
 
@@ -78,7 +80,8 @@ def purify_case(case, cfg):
 
 
 def regime_setup(regime: str, config, apply_fn, adv_eps_z: float):
-  """(data config updates, batch_transform or None, extra config recorded with the victim) of a regime."""
+  """(data config updates, batch_transform or None, extra config recorded with the victim) of a regime; a
+  "model" entry of the extra config replaces the victim's architecture."""
   c = config.counter
   if regime == "standard" or regime == "purify":
     return {}, None, {}
@@ -91,4 +94,9 @@ def regime_setup(regime: str, config, apply_fn, adv_eps_z: float):
     a = c.augment
     aug = dict(flip=bool(a.flip), scale=float(a.scale), shift=float(a.shift))
     return {"augment": aug}, blur_transform(float(a.blur_sigma), float(a.blur_prob)), {"augment": a.to_dict()}
+  if regime == "transfer":
+    unknown = sorted(set(c.transfer) - set(config.model))
+    if unknown:
+      raise ValueError(f"config counter.transfer: {unknown} are not fields of config.model")
+    return {}, None, {"model": dict(config.model.to_dict(), **c.transfer.to_dict())}
   raise ValueError(f"config counter.regimes: unknown regime {regime!r}; expected one of {REGIMES}")

@@ -336,6 +336,8 @@ def _run(config, workdir, train_cases, test_cases, t_start):
   ranges = np.stack([ul.case_range(c.image) for c in train_cases])
   adv_eps_z = float(config.counter.adversarial.eps_scaled) * float(np.median(ranges))
   setups = {r: counter.regime_setup(r, config, apply_fn, adv_eps_z) for r in tuple(config.counter.regimes)}
+  victim_apply = {r: state_lib.make_apply_fn(state_lib.make_model(ml_collections.ConfigDict(s[2]["model"])))
+                  if "model" in s[2] else apply_fn for r, s in setups.items()}
   test = _test_arrays(test_cases)
   train_sets = {"train_clean": _test_arrays(train_cases)}
   cells, shortcut_cells, t0 = {}, {}, time.perf_counter()
@@ -356,7 +358,7 @@ def _run(config, workdir, train_cases, test_cases, t_start):
     cell = common.make_cell(name, method, fraction, params=digest, settings={"regime": regime},
                             cases=test["case_id"], version=EVAL_VERSION, data=test["digest"])
     if cell not in table:
-      table.add(cell, test["case_id"], score(apply_fn, params, test, config))
+      table.add(cell, test["case_id"], score(victim_apply[regime], params, test, config))
       table.save()
     cells[name] = cell
     if regime == "standard" and "@" not in name:
