@@ -13,6 +13,9 @@ from mri_poison.report import markdown
 from mri_poison.report import tables
 
 PAPER = {"psnr_db": 50.03, "dsc_clean_pct": 82.18, "dsc_protected_pct": 6.80}
+# A counter-measure that lowers the clean-trained victim by more than this (mean Dice) is no fair test of a
+# protection: protected victims fall with it [ours].
+COUNTER_COST_MAX = 0.1
 METHOD_TEXT = {
     "none": "no protection (clean training data)",
     "random": "random sign noise of the same L-inf budget on the brain",
@@ -405,10 +408,12 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
     # counter-measure can also lower the clean victim, and then protected victims fall with it.
     m, regime = r["b"].split("/")
     std, own = primary.get(f"{m}/standard"), by[f"none/{regime}"]["dice_mean_mean"]
-    if r["ci_low"] > 0:
+    cost = by["none/standard"]["dice_mean_mean"] - own
+    if cost > COUNTER_COST_MAX:
+      verdict = (f"the counter-measure itself costs the clean victim {cost:.2f} Dice, so this row cannot tell "
+                 "whether the protection survives it")
+    elif r["ci_low"] > 0:
       verdict = "the protection survives it"
-    elif own < by["none/standard"]["dice_mean_mean"] - 0.1:
-      verdict = "no protection effect is left, but the counter-measure itself costs the clean victim that much"
     else:
       verdict = "no significant protection effect is left"
     out.append(f"Counter-measure `{regime}` against `{m}` (exploratory, uncorrected): protection effect under it "
