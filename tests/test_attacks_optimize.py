@@ -12,7 +12,8 @@ import pytest
 from mri_poison.attacks import gradient
 from mri_poison.attacks import loop
 from mri_poison.attacks import losses
-from mri_poison.attacks.optimize import optimize, sign_step
+from mri_poison.attacks.optimize import CPU_UNROLL_LIMIT, optimize, scan_unroll, sign_step
+from mri_poison.models.unet import UNet
 from test_attacks_gradient import make_problem, tiny_apply  # pylint: disable=g-bad-import-order
 
 B = 3
@@ -161,3 +162,28 @@ def test_error_minimising_noise_min_step(problem):
   obj = np.asarray(hist["objective"])
   assert np.all(np.diff(obj, axis=0) <= 0)  # every step lowers the loss
   assert np.all(np.asarray(hist["final_objective"]) < 0.85 * obj[0])  # ~0.80 of the clean loss at eps 0.2
+
+
+def test_cpu_unrolled_loop_gives_the_rolled_loops_adversarial_examples_and_stops():
+  """On CPU `optimize` unrolls its loop (the fast form there): PGD on a 3D U-Net and per-example stopping give
+  what the rolled `lax.scan` gives."""
+  assert scan_unroll(10) is True and scan_unroll(CPU_UNROLL_LIMIT + 1) == 1 and scan_unroll(10, 1) == 1
+  model = UNet(features=(4, 8), out_channels=3)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8, 2))
+  variables = model.init(jax.random.key(1), x)
+  labels = jax.random.randint(jax.random.key(2), x.shape[:-1], 0, 3)
+  loss_fn = losses.cross_entropy(model.apply, variables, labels)
+
+  @functools.partial(jax.jit, static_argnames="unroll")
+  def attack(x, unroll):
+    return optimize(lambda z, step: loop.per_example_loss(loss_fn, z, step), x, update=sign_step(0.02),
+                    steps=6, project=loop.ball_projection(x, eps=0.05, norm="linf"), maximize=True,
+                    done=lambda values: values > thresholds, unroll=unroll)
+
+  clean = loop.per_example_loss(loss_fn, x, 0)
+  thresholds = clean + jnp.array([1e-3, 1e9])  # example 0 stops early, example 1 runs every step
+  (rolled, hist_r), (unrolled, hist_u) = attack(x, 1), attack(x, "auto")
+  np.testing.assert_allclose(unrolled, rolled, atol=1e-6)
+  np.testing.assert_array_equal(hist_u["done"], hist_r["done"])
+  assert bool(hist_r["done"][-1, 0]) and not bool(hist_r["done"][:, 1].any())
+  assert float(jnp.abs(rolled - x).max()) == pytest.approx(0.05, abs=1e-6)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mri_poison.models import conv as conv_lib
 from mri_poison.models import unet as unet_lib
 from mri_poison.models.unet import BASIC_UNET_FEATURES, DepthToSpaceUp, UNet
 
@@ -95,7 +96,7 @@ def test_depth_to_space_equals_conv_transpose(ndim, transpose_kernel):
   x = _normal(6, (2, *spatial, c_in))
   w = _normal(7, (2,) * ndim + ((c_out, c_in) if transpose_kernel else (c_in, c_out)))
   b = _normal(8, (c_out,))
-  dims = unet_lib._conv_dims(ndim)
+  dims = conv_lib._dims(ndim)
   ref = jax.lax.conv_transpose(x, w, (2,) * ndim, "VALID", dimension_numbers=dims,
                                transpose_kernel=transpose_kernel,
                                precision=jax.lax.Precision.HIGHEST) + b

@@ -1,6 +1,7 @@
 """The general optimisation loop: per-example objectives over any pytree of variables, any optax update.
 
-`optimize` is one `lax.scan` (traceable: call it inside jit, vmap or another scan). Each step evaluates the
+`optimize` is one `lax.scan` (traceable: call it inside jit, vmap or another scan), unrolled on CPU (see
+`scan_unroll`). Each step evaluates the
 per-example objective and its gradient at v_t, applies an optax `GradientTransformation`, projects, and
 (optionally) freezes the examples that are done. Everything a study attacks or protects is an instance:
 
@@ -43,6 +44,23 @@ Array = jax.Array
 PyTree = Any
 
 _TINY = 1e-12
+
+# Longest loop `scan_unroll` unrolls on CPU: beyond it compile time (about 1 s per step of a 3D U-Net attack on
+# 2 cores) outweighs what the unrolled form saves.
+CPU_UNROLL_LIMIT = 32
+
+
+def scan_unroll(steps: int, unroll: int | bool | str = "auto") -> int | bool:
+  """`lax.scan`'s `unroll` for a loop of `steps` iterations; "auto" picks the faster form on this backend.
+
+  XLA:CPU runs a while-loop body several times slower than the same ops in straight-line code (PGD-10 on a 3D
+  U-Net at 32^3, 2 cores, jax 0.10.2: 17.2 s rolled, 3.6 s unrolled, identical results; a partial unroll is as
+  slow as the rolled loop, so it is all or nothing): on CPU "auto" unrolls loops of up to CPU_UNROLL_LIMIT
+  steps completely. GPU/TPU keep the rolled loop (fast there, and compiled once whatever `steps`).
+  """
+  if unroll != "auto":
+    return unroll
+  return True if jax.default_backend() == "cpu" and 0 < steps <= CPU_UNROLL_LIMIT else 1
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -141,7 +159,7 @@ def _split_output(out):
 def optimize(objective: Callable, v0: PyTree, *, update: optax.GradientTransformation, steps: int,
              project: Callable[[PyTree], PyTree] | None = None, maximize: bool = False,
              done: Callable[[Any], Array] | None = None, record: Callable[[Any], PyTree] | None = None,
-             final_objective: bool = False) -> tuple[PyTree, dict]:
+             final_objective: bool = False, unroll: int | bool | str = "auto") -> tuple[PyTree, dict]:
   """Runs `steps` steps of `update` on the per-example `objective`; returns (v, history). Traceable.
 
   Step t = 0 .. steps-1 (one `lax.scan`):
@@ -163,6 +181,8 @@ def optimize(objective: Callable, v0: PyTree, *, update: optax.GradientTransform
     done: `done(aux) -> (B,) bool`: which examples are finished; once done, an example stays done.
     record: `record(aux) -> pytree` of per-step values to keep (e.g. Dice per example).
     final_objective: also evaluate the objective at the returned v (one more forward pass).
+    unroll: `lax.scan`'s unroll; "auto" (`scan_unroll`) unrolls on CPU, where it is several times faster.
+      Every form gives the same result.
 
   Returns:
     v: the variables after the loop (done examples: their variables at the step they became done).
@@ -212,7 +232,8 @@ def optimize(objective: Callable, v0: PyTree, *, update: optax.GradientTransform
 
   finished0 = jnp.zeros((batch,), bool) if done is not None else jnp.zeros((), bool)
   (v, _, finished), history = jax.lax.scan(body, (v0, update.init(v0), finished0),
-                                            jnp.arange(steps, dtype=jnp.int32))
+                                            jnp.arange(steps, dtype=jnp.int32),
+                                            unroll=scan_unroll(steps, unroll))
   if final_objective:
     values, aux = _split_output(objective(v, jnp.asarray(steps, jnp.int32)))
     history["final_objective"] = values

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mri_poison.models.conv import Conv, conv
+
 # MONAI BasicUNet layout: five encoder widths, then the width of the decoder's last (full-resolution) level.
 BASIC_UNET_FEATURES = (32, 32, 64, 128, 256, 32)
 LEAKY_RELU_SLOPE = 0.1
@@ -84,6 +86,7 @@ class DepthToSpaceUp(nn.Module):
   """
   features: int
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -93,24 +96,16 @@ class DepthToSpaceUp(nn.Module):
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x = x.astype(self.dtype)
     # A 1x1[x1] conv (what the architecture notes measured), not a dot: XLA picks the conv kernels for it.
-    y = jax.lax.conv_general_dilated(
-        x, kernel.astype(self.dtype).reshape((1,) * n + kernel.shape), window_strides=(1,) * n, padding="VALID",
-        dimension_numbers=_conv_dims(n))
+    y = conv(x, kernel.astype(self.dtype).reshape((1,) * n + kernel.shape), padding="VALID", impl=self.conv_impl)
     y = depth_to_space(y, self.features)
     return y + bias.astype(self.dtype)
-
-
-def _conv_dims(n: int):
-  spatial = "DHW"[-n:] if n <= 3 else None
-  if spatial is None:
-    raise ValueError(f"UNet supports 1 to 3 spatial dims, got {n}")
-  return (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
 
 
 class ConvBlock(nn.Module):
   """conv 3^n (bias) -> norm -> dropout -> activation, MONAI `Convolution`'s default "NDA" order.
 
   conv_dtype: the conv's own compute dtype (None -> dtype); its output is cast to dtype after.
+  conv_impl: "auto" | "xla" | "folded" (`mri_poison.models.conv`); the params are the same whichever.
   """
   features: int
   norm: str = "instance"
@@ -118,12 +113,13 @@ class ConvBlock(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   conv_dtype: Any = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
     n = x.ndim - 2
     conv_dtype = self.dtype if self.conv_dtype is None else self.conv_dtype
-    x = nn.Conv(self.features, (3,) * n, padding="SAME", dtype=conv_dtype, param_dtype=jnp.float32)(x)
+    x = Conv(self.features, (3,) * n, padding="SAME", dtype=conv_dtype, impl=self.conv_impl)(x)
     x = x.astype(self.dtype)
     x = _norm(self.norm, self.dtype, train)(x)
     if self.dropout > 0:
@@ -176,10 +172,12 @@ class TwoConv(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   first_conv_dtype: Any = None  # compute dtype of conv_0's convolution (None -> dtype)
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = dict(norm=self.norm, activation=self.activation, dropout=self.dropout, dtype=self.dtype)
+    kw = dict(norm=self.norm, activation=self.activation, dropout=self.dropout, dtype=self.dtype,
+              conv_impl=self.conv_impl)
     x = ConvBlock(self.features, **kw, conv_dtype=self.first_conv_dtype, name="conv_0")(x, train)
     return ConvBlock(self.features, **kw, name="conv_1")(x, train)
 
@@ -196,6 +194,9 @@ class UNet(nn.Module):
     of 1..3 a change below ~0.004..0.008 would be rounded away before the model sees it (an attack's or
     adversarial training's eps 0.01 partly, 1e-3 entirely). For float32 models it changes nothing; "bfloat16"
     gives the old all-bfloat16 path. A name ("float32") or a dtype.
+  conv_impl: how convolutions are computed, "auto" | "xla" | "folded" (`mri_poison.models.conv`): "auto" folds
+    3D convs into 2D ones on CPU (several times faster there) and keeps XLA's native conv on GPU/TPU. The
+    params and (within float32 round-off) the outputs are the same whichever.
   remat: recompute each block's activations in the backward pass instead of storing them (jax.checkpoint):
     less memory for larger inputs or batches, about one extra forward pass of compute. Same params, same
     numbers.
@@ -213,6 +214,7 @@ class UNet(nn.Module):
   final_features: int | None = None
   input_dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, temperature=1.0):
@@ -224,7 +226,8 @@ class UNet(nn.Module):
     if any(s % factor for s in x.shape[1:-1]):
       raise ValueError(f"UNet with {len(encoder)} levels needs spatial dims divisible by {factor}, "
                        f"got input shape {x.shape}")
-    kw = dict(norm=self.norm, activation=self.activation, dropout=self.dropout, dtype=self.dtype)
+    kw = dict(norm=self.norm, activation=self.activation, dropout=self.dropout, dtype=self.dtype,
+              conv_impl=self.conv_impl)
     input_dtype = jnp.dtype(self.input_dtype)
     x = x.astype(input_dtype)
     block = nn.remat(TwoConv, static_argnums=(2,)) if self.remat else TwoConv  # (self, x, train): train static
@@ -241,7 +244,7 @@ class UNet(nn.Module):
     for level in reversed(range(len(encoder) - 1)):
       top = level == 0
       up_width = x.shape[-1] if top else x.shape[-1] // 2
-      up = DepthToSpaceUp(up_width, dtype=self.dtype, name=f"up_{level}")(x)
+      up = DepthToSpaceUp(up_width, dtype=self.dtype, conv_impl=self.conv_impl, name=f"up_{level}")(x)
       x = jnp.concatenate([skips[level], up], axis=-1)
       x = block(final if top else encoder[level], **kw, name=f"upcat_{level}")(x, train)
       if self.deep_supervision and not top:
@@ -255,5 +258,5 @@ class UNet(nn.Module):
 
   def _head(self, x, name):
     n = x.ndim - 2
-    y = nn.Conv(self.out_channels, (1,) * n, dtype=self.dtype, param_dtype=jnp.float32, name=name)(x)
+    y = Conv(self.out_channels, (1,) * n, dtype=self.dtype, impl=self.conv_impl, name=name)(x)
     return y.astype(jnp.float32)
