@@ -23,6 +23,17 @@ def make_config(steps=200, schedule_steps=None, lr=1e-3):
   return config
 
 
+
+def test_conv_impl_is_not_part_of_a_runs_identity(tmp_path):
+  """Switching how convolutions are computed (same params and outputs) keeps the workdir, hash and all."""
+  config = make_config()
+  config.model.conv_impl = "folded"
+  digest = wd.write_config(str(tmp_path), config)
+  other = make_config()
+  other.model.conv_impl = "xla"
+  assert wd.check_config(str(tmp_path), other, has_checkpoints=True) == digest == wd.config_hash(make_config())
+  assert "conv_impl" not in json.load(open(tmp_path / "config.json"))["config"]["model"]
+
 def test_resume_config_rules(tmp_path):
   path = str(tmp_path)
   digest = wd.write_config(path, make_config())

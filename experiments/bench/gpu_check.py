@@ -111,9 +111,12 @@ def jobs(mode: str) -> list[dict]:
   """The jobs in run order: the 128^3 U-Net and its peer, then the other targets, then the rest."""
   p, caps = PROFILES[mode], CAPS[mode]
   big, small = p["unet"]["sizes"]
-  unet = lambda size, remat, cap: dict(part=1, kind="unet", cap=cap, args=dict(**p["unet"], size=size,
-                                                                               remat=remat, dtype=p["dtype"]))
+  unet = lambda size, remat, cap, conv_impl="auto": dict(
+      part=1, kind="unet", cap=cap, args=dict(**p["unet"], size=size, remat=remat, dtype=p["dtype"],
+                                              conv_impl=conv_impl))
   out = [dict(name="unet128", **unet(big, False, "unet128")),
+         # The CPU's depth-folded conv timed on the GPU too, so that `conv_impl=auto` is a measured choice there.
+         dict(name="unet128_folded", **unet(big, False, "unet128", "folded")),
          dict(name="unet128_remat", **unet(big, True, "unet128")),
          dict(name="peer128", part=1, kind="peer", cap="peer128", args=dict(size=big, batch=2, **p["peer"])),
          dict(name="pgd", part=2, kind="pgd", cap="pgd", args=dict(**p["pgd"], dtype=p["dtype"])),
@@ -150,6 +153,7 @@ def _work_unet(a: dict) -> dict:
   from experiments.configs import unet as cfg_lib
   config = cfg_lib.get_config("brats3d,basic_unet")
   config.model.features = tuple(a["features"])
+  config.model.conv_impl = a["conv_impl"]
   out = unet.measure_train_step(config, size=a["size"], batch=a["batch"], steps=a["steps"], dtype=a["dtype"],
                                 remat=a["remat"], report=_report)
   del out["state"], out["model"]

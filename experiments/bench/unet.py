@@ -29,7 +29,7 @@ def measure_train_step(config, *, size: int, batch: int, steps: int, dtype: str 
   """Median train-step time of `config.model` on random (batch, size^ndim, C) data; returns numbers and state.
 
   The step is compiled ahead (`lower().compile()`), so compile time and XLA's buffer plan (`memory`) are
-  reported apart from the steady state. Keys: params, compile_s, first_step_s, step_ms, examples_per_s,
+  reported apart from the steady state. Keys: params, gflop (XLA's cost analysis), compile_s, first_step_s, step_ms, examples_per_s,
   memory (XLA plan), peak (process high-water marks), and "state"/"model" for a following eval timing.
   """
   from mri_poison.train import loop, mesh as mesh_lib, state as state_lib
@@ -59,6 +59,8 @@ def measure_train_step(config, *, size: int, batch: int, steps: int, dtype: str 
     t = time.perf_counter()
     compiled = step.lower(state, dev_batch).compile()
     compile_s = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     t = time.perf_counter()
     state, _ = compiled(state, dev_batch)
     jax.block_until_ready(state)
@@ -72,7 +74,7 @@ def measure_train_step(config, *, size: int, batch: int, steps: int, dtype: str 
     timing.median_time(one, 2)
     ms = 1e3 * timing.median_time(one, steps)
   report(f"train step: median {ms:.2f} ms over {steps} steps ({batch / ms * 1e3:.1f} examples/s)")
-  return {"params": int(n_params), "compile_s": compile_s, "first_step_s": first_s, "step_ms": ms,
+  return {"params": int(n_params), "gflop": float(cost.get("flops", float("nan"))) / 1e9, "compile_s": compile_s, "first_step_s": first_s, "step_ms": ms,
           "examples_per_s": batch / ms * 1e3, "memory": timing.compiled_memory(compiled),
           "peak": timing.peak_memory(), "state": holder["state"], "model": model}
 

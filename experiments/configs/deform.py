@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           prefetch=2))
   config.model = ml_collections.ConfigDict(dict(
       features=(8, 16, 32), out_channels=4, norm="instance", activation="leaky_relu", dropout=0.0,
-      dtype="float32", deep_supervision=False))
+      dtype="float32", deep_supervision=False, conv_impl="auto"))
   config.train = ml_collections.ConfigDict(dict(
       seed=0, steps=300, lr=3e-3, warmup_steps=10, min_lr_ratio=0.0, weight_decay=1e-5, grad_clip=1.0,
       log_every=50, ckpt_every=100, keep_checkpoints=1, eval_every=0, loss="ce_dice", schedule_steps=0))

@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The segmenter: 2D U-Net on whole target-contrast slices, one sigmoid output (enhancing tumour).
   config.model = ml_collections.ConfigDict(dict(
       features=(8, 16, 32), out_channels=1, norm="instance", activation="leaky_relu", dropout=0.0,
-      dtype="float32", deep_supervision=False))
+      dtype="float32", deep_supervision=False, conv_impl="auto"))
   config.train = ml_collections.ConfigDict(dict(
       seed=0,  # replaced by each sweep seed (init, data stream and mixing all follow it)
       steps=300, lr=3e-3, warmup_steps=20, min_lr_ratio=0.0, weight_decay=1e-5, grad_clip=1.0,  # [ours]

@@ -42,7 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.update(dict(mode="3d", fg_fraction=0.5))
   config.model = ml_collections.ConfigDict(dict(
       features=(8, 16, 32), out_channels=4, norm="instance", activation="leaky_relu", dropout=0.0,
-      dtype="float32", input_dtype="float32", deep_supervision=False))  # input_dtype: first conv in float32
+      dtype="float32", input_dtype="float32", deep_supervision=False,  # input_dtype: first conv in float32
+      conv_impl="auto"))  # auto | xla | folded: how convs are computed (folded 3D convs on CPU); same params
   # Shared by the undefended model, the distillation teacher and the student.
   config.train = ml_collections.ConfigDict(dict(
       seed=0, steps=150, lr=3e-3, warmup_steps=10, min_lr_ratio=0.0, weight_decay=1e-5, grad_clip=1.0,

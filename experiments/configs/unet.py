@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       features=(16, 32, 64, 128), out_channels=4, norm="instance", activation="leaky_relu", dropout=0.0,
       dtype="float32", deep_supervision=False,
+      conv_impl="auto",  # auto | xla | folded: how convs are computed (folded 3D convs on CPU); same params
       remat=False))  # recompute block activations in the backward pass: ~3x less stored, ~1 more forward
   config.train = ml_collections.ConfigDict(dict(
       seed=0, steps=1000, lr=2e-3, warmup_steps=50, min_lr_ratio=0.0, weight_decay=1e-5, grad_clip=1.0,

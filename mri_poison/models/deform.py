@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mri_poison.models.conv import Conv
+
 
 class DeformGenerator(nn.Module):
   """G(x (B, *S, C), delta (B,)) -> {"disp": (B, *G, D), "bias": (B, *Gb, Cb)}."""
@@ -34,7 +36,7 @@ class DeformGenerator(nn.Module):
     delta = jnp.asarray(delta, jnp.float32).reshape(-1)
     h = x
     for i, f in enumerate(self.features):
-      h = nn.Conv(f, (3,) * d, strides=(1 if i == 0 else 2,) * d, name=f"conv{i}")(h)
+      h = Conv(f, (3,) * d, strides=(1 if i == 0 else 2,) * d, name=f"conv{i}")(h)
       h = nn.GroupNorm(num_groups=min(8, f), name=f"norm{i}")(h)
       h = nn.leaky_relu(h, 0.2)
 
@@ -44,11 +46,11 @@ class DeformGenerator(nn.Module):
       p = jax.image.resize(h, (b,) + (int(g),) * d + (h.shape[-1],), "linear", antialias=True)
       dc = jnp.broadcast_to(delta.reshape((-1,) + (1,) * (d + 1)), p.shape[:-1] + (1,))
       p = jnp.concatenate([p, dc], axis=-1)
-      return nn.leaky_relu(nn.Conv(h.shape[-1], (1,) * d, name=name)(p), 0.2)
+      return nn.leaky_relu(Conv(h.shape[-1], (1,) * d, name=name)(p), 0.2)
 
-    v = nn.Conv(d, (3,) * d, kernel_init=nn.initializers.zeros, name="disp_head")(pool(self.grid, "disp_mix"))
+    v = Conv(d, (3,) * d, kernel_init=nn.initializers.zeros, name="disp_head")(pool(self.grid, "disp_mix"))
     disp = v / jnp.sqrt(1.0 + jnp.sum(jnp.square(v), axis=-1, keepdims=True))
-    bias = jnp.tanh(nn.Conv(int(self.bias_channels), (3,) * d, kernel_init=nn.initializers.zeros,
+    bias = jnp.tanh(Conv(int(self.bias_channels), (3,) * d, kernel_init=nn.initializers.zeros,
                             name="bias_head")(pool(self.bias_grid, "bias_mix")))
     return {"disp": disp, "bias": bias}
 

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mri_poison.models.conv import Conv
+
 LEAK = 0.2  # PatchGAN leaky ReLU slope (pix2pix)
 _EPS = 1e-5
 
@@ -68,9 +70,9 @@ class ResBlock(nn.Module):
   def __call__(self, x, s=None):
     n = x.ndim - 2
     norm = (lambda h, name: instance_norm(h)) if s is None else (lambda h, name: AdaIN(name=name)(h, s))
-    h = nn.Conv(self.features, _k(3, n), name="conv_0")(x)
+    h = Conv(self.features, _k(3, n), name="conv_0")(x)
     h = nn.relu(norm(h, "norm_0"))
-    h = nn.Conv(self.features, _k(3, n), name="conv_1")(h)
+    h = Conv(self.features, _k(3, n), name="conv_1")(h)
     return x + norm(h, "norm_1")
 
 
@@ -83,9 +85,9 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x):
     n = x.ndim - 2
-    h = nn.relu(instance_norm(nn.Conv(self.features, _k(7, n), name="stem")(x)))
+    h = nn.relu(instance_norm(Conv(self.features, _k(7, n), name="stem")(x)))
     for i in range(self.n_down):
-      h = nn.Conv(self.features * 2 ** (i + 1), _k(4, n), strides=_k(2, n), name=f"down_{i}")(h)
+      h = Conv(self.features * 2 ** (i + 1), _k(4, n), strides=_k(2, n), name=f"down_{i}")(h)
       h = nn.relu(instance_norm(h))
     for i in range(self.n_res):
       h = ResBlock(h.shape[-1], name=f"res_{i}")(h)
@@ -108,10 +110,10 @@ class Decoder(nn.Module):
       h = ResBlock(h.shape[-1], name=f"res_{i}")(h, s)
       feats.append(h)
     for i in reversed(range(self.n_down)):
-      h = nn.Conv(self.features * 2**i, _k(5, n), name=f"up_{i}")(upsample_nearest(h))
+      h = Conv(self.features * 2**i, _k(5, n), name=f"up_{i}")(upsample_nearest(h))
       h = nn.relu(AdaIN(name=f"up_norm_{i}")(h, s))
       feats.append(h)
-    y = nn.Conv(self.out_channels, _k(7, n), name="out")(h)
+    y = Conv(self.out_channels, _k(7, n), name="out")(h)
     return jnp.tanh(y), feats
 
 
@@ -158,13 +160,13 @@ class PatchDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, x):
     n = x.ndim - 2
-    h = nn.leaky_relu(nn.Conv(self.features, _k(4, n), strides=_k(2, n), name="conv_0")(x), LEAK)
+    h = nn.leaky_relu(Conv(self.features, _k(4, n), strides=_k(2, n), name="conv_0")(x), LEAK)
     for i in range(1, self.n_layers):
-      h = nn.Conv(self.features * min(2**i, 8), _k(4, n), strides=_k(2, n), name=f"conv_{i}")(h)
+      h = Conv(self.features * min(2**i, 8), _k(4, n), strides=_k(2, n), name=f"conv_{i}")(h)
       h = nn.leaky_relu(instance_norm(h), LEAK)
-    h = nn.Conv(self.features * min(2**self.n_layers, 8), _k(4, n), name=f"conv_{self.n_layers}")(h)
+    h = Conv(self.features * min(2**self.n_layers, 8), _k(4, n), name=f"conv_{self.n_layers}")(h)
     h = nn.leaky_relu(instance_norm(h), LEAK)
-    return nn.Conv(1, _k(4, n), name="logits")(h)
+    return Conv(1, _k(4, n), name="logits")(h)
 
 
 class SliceClassifier(nn.Module):
@@ -176,6 +178,6 @@ class SliceClassifier(nn.Module):
     n = x.ndim - 2
     h = x
     for i, f in enumerate(self.features):
-      h = nn.leaky_relu(nn.Conv(int(f), _k(3, n), strides=_k(2, n), name=f"conv_{i}")(h), LEAK)
+      h = nn.leaky_relu(Conv(int(f), _k(3, n), strides=_k(2, n), name=f"conv_{i}")(h), LEAK)
     h = jnp.mean(h, axis=tuple(range(1, h.ndim - 1)))
     return nn.Dense(1, name="logit")(h)[:, 0]

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mri_poison.models.conv import Conv
 from mri_poison.models.unet import DepthToSpaceUp, _activation, _norm
 
 
@@ -29,7 +30,7 @@ class CDConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     n = x.ndim - 2
-    conv = nn.Conv(self.features, (self.kernel_size,) * n, padding="SAME", dtype=self.dtype,
+    conv = Conv(self.features, (self.kernel_size,) * n, padding="SAME", dtype=self.dtype,
                    param_dtype=jnp.float32, name="conv")
     y = conv(x)
     if self.theta == 0:
@@ -53,7 +54,7 @@ class _Block(nn.Module):
       if self.cdc:
         x = CDConv(self.features, theta=self.theta, dtype=self.dtype, name=f"cdc_{i}")(x)
       else:
-        x = nn.Conv(self.features, (3,) * n, padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
+        x = Conv(self.features, (3,) * n, padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
                     name=f"conv_{i}")(x)
       x = _norm(self.norm, self.dtype, False)(x)
       x = _activation("leaky_relu")(x)
@@ -86,7 +87,7 @@ class PerturbatorUNet(nn.Module):
       x = DepthToSpaceUp(int(self.features[level]), dtype=self.dtype, name=f"up_{level}")(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = _Block(int(self.features[level]), False, 0.0, self.norm, self.dtype, name=f"upcat_{level}")(x)
-    y = nn.Conv(self.out_channels, (1,) * n, kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
+    y = Conv(self.out_channels, (1,) * n, kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
                 param_dtype=jnp.float32, name="head")(x)
     return y.astype(jnp.float32)
 

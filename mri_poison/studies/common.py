@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -183,6 +184,23 @@ def own_batches(n_batches: int) -> list[int]:
   return list(range(jax.process_index(), n_batches, jax.process_count()))
 
 
+_BARRIER_TIMEOUT_MS = 60 * 60 * 1000
+_barrier_ids = itertools.count()
+
+
+def _wait_for_every_process() -> None:
+  """Blocks until every process reaches this point, however long that takes (up to an hour).
+
+  Processes reach a gather minutes apart when one has more cases or compiles one more shape (the last, smaller
+  batch); the CPU collectives (gloo) give up after 30 s, the coordination service's barrier waits as long as
+  it is told. Every process calls the gathers in the same order, so the n-th barrier names the same point.
+  """
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  client = distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(f"mri_poison_allgather_{next(_barrier_ids)}", _BARRIER_TIMEOUT_MS)
+
+
 def allgather_json(obj) -> list:
   """[obj of process 0, obj of process 1, ...] on every process, for a JSON-able obj (numpy allowed).
 
@@ -193,6 +211,7 @@ def allgather_json(obj) -> list:
   if jax.process_count() == 1:
     return [json.loads(text)]
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  _wait_for_every_process()
   data = np.frombuffer(text.encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
   padded = np.zeros(int(sizes.max()), np.uint8)

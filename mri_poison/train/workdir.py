@@ -61,9 +61,23 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+# Config fields that choose how a number is computed, never which number (e.g. `model.conv_impl`: the same
+# params and outputs within float32 round-off). A run's identity (its hash, the resume check, the reuse of
+# stages, models and evaluation cells) leaves them out, so switching one never invalidates a workdir.
+IMPLEMENTATION_FIELDS = ("conv_impl",)
+
+
 def config_dict(config) -> dict:
-  return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config),
-                               default=io_utils._json_default))
+  """The config as plain JSON types, without IMPLEMENTATION_FIELDS (at any depth)."""
+  d = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config),
+                            default=io_utils._json_default))
+  return _without_implementation_fields(d)
+
+
+def _without_implementation_fields(d):
+  if not isinstance(d, dict):
+    return d
+  return {k: _without_implementation_fields(v) for k, v in d.items() if k not in IMPLEMENTATION_FIELDS}
 
 
 def config_hash(config) -> str:

@@ -14,6 +14,7 @@ from absl import logging
 
 from mri_poison import io_utils
 from mri_poison.studies import common
+from mri_poison.train import workdir as workdir_lib
 
 # Run order; the report lists the studies by their number instead (STUDY_TITLES in report.py).
 STAGES = ("robustify", "poison", "deform", "unlearnable")
@@ -73,7 +74,7 @@ def _error_text(e: BaseException) -> str:
 def _run_stage(name: str, sub_config, workdir: str, *, force: bool, index: int, total: int,
                runner: Callable | None = None) -> dict:
   stage_dir = os.path.join(workdir, name)
-  digest = common.digest(sub_config.to_dict())
+  digest = common.digest(workdir_lib.config_dict(sub_config))
   path = _record_path(workdir, name)
   record = _read_record(path)
   tag = f"[{index}/{total}] {name}"
