@@ -1,7 +1,7 @@
 r"""CPU side by side: the 3D U-Net train step and PGD-10, as shipped before the CPU fast path, now, and in PyTorch.
 
   python -m experiments.bench.cpu_peer --out=runs/bench/cpu_peer            # 32^3, both layouts, 2 rounds
-  python -m experiments.bench.cpu_peer --sizes=32,48 --layouts=small --rounds=3
+  python -m experiments.bench.cpu_peer --edges=32,48 --layouts=small --rounds=3
 
 Every measurement runs in its own worker process, and the contenders of one (layout, size) are run in turn,
 round after round (A, B, C, A, B, C, ...), so a load that comes and goes hits them alike; each round gives one
@@ -32,10 +32,10 @@ from mri_poison import io_utils
 LAYOUTS = {"basic": (32, 32, 64, 128, 256, 32), "small": (16, 32, 64, 128)}
 CHANNELS, CLASSES, BATCH = 4, 4, 2
 
-_SIZES = flags.DEFINE_list("sizes", ["32"], "Cubic patch edges.")
+_EDGES = flags.DEFINE_list("edges", ["32"], "Cubic patch edges.")
 _LAYOUTS = flags.DEFINE_list("layouts", ["basic", "small"], f"U-Net layouts: {sorted(LAYOUTS)}.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds of (every contender once).")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed train steps per worker (after 2 warm-up steps).")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 5, "Timed train steps per worker (after 2 warm-up steps).")
 _PGD_REPEATS = flags.DEFINE_integer("pgd_repeats", 2, "Timed PGD-10 attacks per worker (after one warm-up).")
 _PARTS = flags.DEFINE_list("parts", ["step", "pgd"], "What to time: step, pgd.")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "Also time torch.compile (slow to compile on CPU).")
@@ -88,7 +88,7 @@ def _torch_unet(features):
   """MONAI BasicUNet's blocks in the given layout (5 levels + final width = BasicUNet itself)."""
   import torch
   from monai.networks.nets import basic_unet as bu
-  if len(features) == 6:
+  if len(features) == 6:  # BasicUNet itself
     return bu.BasicUNet(spatial_dims=3, in_channels=CHANNELS, out_channels=CLASSES, features=features, dropout=0.0)
   act, norm = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}), ("instance", {"affine": True})
 
@@ -171,7 +171,7 @@ def torch_missing() -> str:
 
 
 def contenders(part: str, layout: str, size: int, peer: bool) -> list[tuple[str, dict]]:
-  base = dict(features=LAYOUTS[layout], size=size, steps=_STEPS.value, repeats=_PGD_REPEATS.value)
+  base = dict(features=LAYOUTS[layout], size=size, steps=_TRAIN_STEPS.value, repeats=_PGD_REPEATS.value)
   if part == "step":
     out = [("jax_xla", dict(base, kind="jax_step", conv_impl="xla")),
            ("jax_auto", dict(base, kind="jax_step", conv_impl="auto"))]
@@ -213,7 +213,7 @@ def main(argv):
   rows = []
   for part in _PARTS.value:
     for layout in _LAYOUTS.value:
-      for size in map(int, _SIZES.value):
+      for size in map(int, _EDGES.value):
         entries = contenders(part, layout, size, peer=not missing)
         times = {name: [] for name, _ in entries}
         extra = {}
@@ -231,7 +231,7 @@ def main(argv):
         rows.append(_summarise(part, layout, size, times, extra))
   result = {"environment": env_info, "peer_missing": missing, "rows": rows,
             "settings": dict(batch=BATCH, channels=CHANNELS, classes=CLASSES, rounds=_ROUNDS.value,
-                             steps=_STEPS.value, pgd_repeats=_PGD_REPEATS.value)}
+                             steps=_TRAIN_STEPS.value, pgd_repeats=_PGD_REPEATS.value)}
   io_utils.write_json(os.path.join(_OUT.value, "cpu_peer.json"), result)
   md = render(result)
   io_utils.write_text(os.path.join(_OUT.value, "cpu_peer.md"), md)

@@ -10,6 +10,8 @@ Parts (the issue's numbering) and the targets they are checked against:
   1 U-Net train step, BasicUNet layout (32,32,64,128,256,32), batch 2, bf16, at 128^3 and 64^3, with and
     without model.remat, peak GPU memory of each; beside the peer ../shared/bench/peer_unet3d.py (MONAI eager
     and torch.compile) in its own subprocess.           target: JAX step <= 0.5x torch.compile at 128^3
+    Also the 128^3 step with the CPU's depth-folded conv (unet128_folded), so that `model.conv_impl=auto`
+    keeping XLA's native conv on the GPU is a measured choice.
   2 PGD-10 at 128^3 batch 2 (bf16), beside torchattacks.PGD on the MONAI model (the peer script times it).
                                                         target: >= 5x faster than torchattacks (bf16 autocast)
   3 eps sweep (4 eps, i-FGSM-5) in one call vs one call per eps, 2D 192^2 batch 8 and 3D 64^3 batch 2.

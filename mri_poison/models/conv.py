@@ -10,7 +10,8 @@ impl:
   "xla":    `lax.conv_general_dilated` on the full rank (cuDNN on GPU; XLA's own kernels on CPU/TPU).
   "folded": the first spatial axis folded into channels, as above (2D input -> a 1D convolution).
   "auto":   "folded" for 3D input on the CPU backend, "xla" everywhere else (GPU/TPU keep the native conv;
-            2D on CPU keeps it too: measured no faster folded, see experiments/bench/RESULTS.md).
+            2D on CPU keeps it too: folded into a 1D conv it was faster at some widths and slower at others,
+            see experiments/bench/RESULTS.md).
 
 `Conv` is a drop-in for `nn.Conv` (its automatic name is also `Conv_<i>`, its params `kernel` (*k, I, O) and
 `bias` (O,)), so a checkpoint saved under one implementation restores under the other.
