@@ -132,7 +132,8 @@ def _torch_step(spec):
   t = time.perf_counter()
   step()
   first = time.perf_counter() - t
-  return {"ms": 1e3 * _median(step, 2, spec["steps"]), "first_s": first}
+  step()  # a second warm-up, as the JAX side has
+  return {"ms": 1e3 * timing.median_time(step, spec["steps"]), "first_s": first}
 
 
 def _torch_pgd(spec):
@@ -143,18 +144,8 @@ def _torch_pgd(spec):
   s = spec["size"]
   x, y = torch.rand(BATCH, CHANNELS, s, s, s), torch.randint(0, CLASSES, (BATCH, s, s, s))
   attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
-  return {"ms": 1e3 * _median(lambda: attack(x, y), 1, spec["repeats"])}
-
-
-def _median(fn, warm, n):
-  for _ in range(warm):
-    fn()
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  attack(x, y)  # warm-up
+  return {"ms": 1e3 * timing.median_time(lambda: attack(x, y), spec["repeats"])}
 
 
 WORKERS = {"jax_step": _jax_step, "jax_pgd": _jax_pgd, "torch_step": _torch_step, "torch_pgd": _torch_pgd}
