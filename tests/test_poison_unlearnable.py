@@ -125,8 +125,10 @@ def test_minmin_hallmark_on_a_problem_it_must_win(tmp_path):
   tx = optax.adam(3e-3)
   eps = 1.0  # one noise SD: larger than the (absent) real signal
   state0 = ul.minmin_init(init, jax.random.PRNGKey(0), data, tx, n_classes=2)
+  # Stop at accuracy 1 - 1e-4: at 0.999 the rounds can end with the hallmark just above 0.3 (0.31 measured with
+  # the classic threefry stream); at 0.9999 it reaches 0.13.
   step = ul.minmin_step_fn(apply_fn, tx, batch=8, eps=eps, train_steps=10, pgd_steps=10, step_frac=0.1,
-                           stop_accuracy=0.999, n_classes=2)
+                           stop_accuracy=0.9999, n_classes=2)
   dev = {k: jnp.asarray(v) for k, v in data.items()}
   state = trainer.fit(_config(12), str(tmp_path / "mm"), init_state=state0, step_fn=step, step_args=(dev,))
   last = {k: float(v) for k, v in state["noise"]["last"].items()}

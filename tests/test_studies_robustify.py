@@ -28,7 +28,8 @@ def _splits(config):
 def _tiny_config():
   config = robustify_config.get_config("runlocal")
   config.data.update(dict(n_cases=7, n_val=3))
-  config.train.update(dict(steps=16, ckpt_every=16, log_every=8))
+  # 40 steps: clean mean Dice 0.30-0.38 on the 3 validation cases (16 steps gave 0.19-0.25: near the 0.2 bar).
+  config.train.update(dict(steps=40, ckpt_every=40, log_every=20))
   config.attack.update(dict(eps=(0.1, 0.5), steps=2, batch=3))
   config.eval.update(dict(reference_eps=0.5, example_eps=0.5))
   return config
@@ -218,8 +219,10 @@ def test_array_shares_compute_the_cells_and_a_last_run_reports(finished_study, t
   for i in range(2):
     config.eval.cells = f"{i}/2"
     out = robustify.run(config, str(workdir), splits=splits)
-    assert out["share"] == [i, 2] and 0 < out["cells_computed"] == out["cells_in_share"]
-    keys.append({r["cell"] for r in _read(workdir / "results" / "shards" / f"{i}-of-2" / "cells.csv")})
+    # Shares split the cells by key hash, so one share may hold none of these 9 (the union is checked below).
+    assert out["share"] == [i, 2] and out["cells_computed"] == out["cells_in_share"]
+    shard = workdir / "results" / "shards" / f"{i}-of-2" / "cells.csv"
+    keys.append({r["cell"] for r in _read(shard)} if out["cells_computed"] else set())
     assert len(keys[-1]) == out["cells_computed"]
   assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 9
   assert not os.path.exists(workdir / "results" / "cells.csv") and not os.path.exists(workdir / "report.md")

@@ -15,7 +15,7 @@ from mri_poison.models.unet import BASIC_UNET_FEATURES, DepthToSpaceUp, UNet
 
 
 def _key(seed):
-  # rbg keys: on CPU threefry's compile time dominates a small model's init (about 18 s vs 3 s here).
+  # rbg keys: cheap to compile on every backend, whatever the threefry mode (see mri_poison/__init__.py).
   return jax.random.key(seed, impl="rbg")
 
 
