@@ -59,8 +59,15 @@ def test_study_end_to_end_writes_metrics_per_ratio_and_reuses_on_rerun(tmp_path,
     rows = list(csv.DictReader(f))
   ks = sorted({int(r["k"]) for r in rows})
   assert ks == [0, 1, 2, 3, 4, 5]
+  # Every statistic is over the validation cases that contain ET (the primary metric), all 6 are in per_case.csv.
+  with open(tmp_path / "results" / "per_case.csv") as f:
+    per_case = list(csv.DictReader(f))
+  with_et = {r["case"] for r in per_case if r["et_present"] == "True"}
+  assert len({r["case"] for r in per_case}) == 6 and 0 < len(with_et) < 6
+  assert with_et == {c.case_id for c in splits["val"] if (c.label == 3).any()}
+  assert headline["n_val"] == len(with_et) and headline["n_val_all"] == 6
   for r in rows:
-    assert r["mode"] == "replace" and int(r["n_cases"]) == 6
+    assert r["mode"] == "replace" and int(r["n_cases"]) == len(with_et)
     for m in evaluation.METRICS:
       assert 0.0 <= float(r[f"{m}_mean"]) <= 1.0
   shares = {int(r["k"]): float(r["share"]) for r in rows if r["seed"] == "all"}
@@ -70,8 +77,16 @@ def test_study_end_to_end_writes_metrics_per_ratio_and_reuses_on_rerun(tmp_path,
   assert len(cells) == 6 * 6 * len(evaluation.METRICS)  # 6 models x 6 cases x 5 metrics
   assert {c["victim"] for c in cells} == {f"replace/k{k}/seed0" for k in ks}
   assert 0.0 <= headline["detect_auc"]["cnn"]["auc"] <= 1.0
+  # The gate: ET judged on the k = 0 models' Dice over those cases (a few toy steps do not learn it).
+  gate = headline["gate"]
+  assert [g["region"] for g in gate] == ["ET"] and gate[0]["n_cases"] == len(with_et)
+  k0 = np.mean([float(r["dice"]) for r in per_case if r["k"] == "0" and r["et_present"] == "True"])
+  np.testing.assert_allclose(gate[0]["dice"], k0, atol=1e-9)
+  assert headline["et_learnt"] == (k0 >= config.gate.floor and k0 > gate[0]["baseline"])
   report = open(tmp_path / "report.md").read()
   assert "0.8937" in report and "Findings and caveats" in report and "paper" in report
+  if not headline["et_learnt"]:
+    assert "ET not learnt" in report and "No effect is claimed" in report and "monotone" not in report
   for fig in ("dice_vs_share.png", "gan_grid.png"):
     assert os.path.getsize(tmp_path / "figures" / fig) > 0
   mtime = os.path.getmtime(tmp_path / "results" / "cells.csv")

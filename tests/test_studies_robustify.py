@@ -35,6 +35,10 @@ def _tiny_config():
   return config
 
 
+def splits_label(splits, case_id):
+  return next(c.label for c in splits["val"] if c.case_id == case_id)
+
+
 def _read(path):
   with open(path) as f:
     return list(csv.DictReader(f))
@@ -124,10 +128,26 @@ def test_study_end_to_end(finished_study):
   cells = _read(os.path.join(workdir, "results", "cells.csv"))
   assert len({c["cell"] for c in cells}) == sum(1 + 2 * t for t in threats.values()) == headline["cells_computed"]
   value = {(c["victim"], c["threat"], float(c["budget"]), c["case"], c["metric"]): c["value"] for c in cells}
+  # dice_mean averages the regions the gate kept (the clean undefended model learnt them); dice_mean_all is the
+  # cell's mean over all three.
+  gate = _read(os.path.join(workdir, "results", "gate.csv"))
+  assert [g["region"] for g in gate] == ["WT", "TC", "ET"]
+  kept = [g["region"] for g in gate if g["learnt"] == "True"]
+  assert kept == headline["learnt_regions"]
+  clean_und = [r for r in rows if r["model"] == "undefended" and r["attack"] == "clean"]
+  for g in gate:
+    labels = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}[g["region"]]
+    has = [r for r in clean_und if np.isin(splits_label(splits, r["case"]), labels).any()]
+    assert int(g["n_cases"]) == len(has)
+    if has:
+      np.testing.assert_allclose(float(g["dice"]), np.mean([float(r[f"dice_{g['region']}"]) for r in has]))
   for r in rows:  # an adaptive row is the row of the attack it names
     attack = r["worst_attack"] if r["attack"] == "adaptive" else r["attack"]
-    for col in robustify.DICE_COLUMNS + ("ce", "ce_target"):
+    for col in robustify.DICE_COLUMNS[:3] + ("ce", "ce_target"):
       assert r[col] == value[(r["model"], attack, float(r["eps"]), r["case"], col)]
+    assert r["dice_mean_all"] == value[(r["model"], attack, float(r["eps"]), r["case"], "dice_mean")]
+    np.testing.assert_allclose(float(r["dice_mean"]), np.mean([float(r[f"dice_{k}"]) for k in kept or ("WT", "TC", "ET")]),
+                               atol=1e-12)
   # Perceptibility shrinks as eps grows; targeted success was scored.
   psnr = {float(c["budget"]): float(c["value"]) for c in cells
           if c["victim"] == "undefended" and c["threat"] == "pgd" and c["metric"] == "psnr" and c["case"] == rows[0]["case"]}

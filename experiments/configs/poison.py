@@ -21,6 +21,7 @@ import ml_collections
 
 from experiments.configs import base_config
 from experiments.configs import gan as gan_config
+from mri_poison.studies import learnt
 
 VARIANTS = ("runlocal", "phantom", "brats")
 
@@ -55,6 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       hf_radius=0.5,  # frequency statistic: energy above this fraction of the Nyquist frequency [ours]
       min_brain_fraction=0.1,  # slices with at least this share of head voxels
       n_boot=1000, seed=0))
+  # Learnt-region gate (mri_poison/studies/learnt.py) on the clean (k = 0) segmenters' ET Dice over the
+  # validation cases that contain ET (*defaults chosen here*).
+  config.gate = learnt.default_config()
 
   d, t, sw = config.data, config.train, config.sweep
   if variant == "runlocal":

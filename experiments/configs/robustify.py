@@ -30,6 +30,7 @@ import ml_collections
 from experiments.configs import base_config
 from mri_poison.data.datasets import default_data_config
 from mri_poison.defenses import adversarial
+from mri_poison.studies import learnt
 
 VARIANTS = ("runlocal", "phantom", "brats")
 
@@ -83,6 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       window=(),  # sliding-window size; () -> data.patch_shape
       overlap=0.5, window_batch=1,  # window overlap; windows per model call
       example_attack="pgd", example_eps=0.2, n_volumes=2))  # figure + NIfTI volumes (undefended model)
+  # Learnt-region gate (mri_poison/studies/learnt.py): a region enters headline means, drops and tests only if
+  # the clean undefended model learnt it (*defaults chosen here*).
+  config.gate = learnt.default_config()
   # PGD with a random start at the reference eps on half of every batch (*default chosen here*; the paper:
   # "adversarial training by data augmentation"); defenses.adversarial.recommended_config.
   config.adversarial = adversarial.recommended_config(eps=config.eval.reference_eps, steps=3, step_frac=0.8,

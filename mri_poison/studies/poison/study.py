@@ -8,10 +8,12 @@ import numpy as np
 from absl import logging
 
 from mri_poison import io_utils
+from mri_poison.data.case import REGIONS
 from mri_poison.poison import detect
 from mri_poison.poison import mixing
 from mri_poison.poison import translation
 from mri_poison.studies import common
+from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.poison import evaluation
 from mri_poison.studies.poison import training
 from mri_poison.studies.poison import translator
@@ -19,7 +21,7 @@ from mri_poison.studies.poison.report import dice_figure, write_report
 
 # What may change between runs of one workdir: adding seeds or modes trains only the new sweeps; evaluation and
 # detection settings only add or recompute results. Anything else would change the GAN or the segmenters.
-RESUMABLE_KEYS = ("eval.", "detect.", "sweep.seeds", "sweep.modes", "sweep.stacked")
+RESUMABLE_KEYS = ("eval.", "detect.", "gate.", "sweep.seeds", "sweep.modes", "sweep.stacked")
 PAPER = {2: 0.8937, 5: 0.7474}  # the seed paper's mean Dice at 33.33 % and 83.33 % synthetic (its own data)
 
 
@@ -100,11 +102,19 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
         t_eval += time.perf_counter() - t0
     io_utils.write_json(os.path.join(results, "mixing.json"), records)
 
-    # 3. Tables and statistics.
+    # 3. Tables and statistics, on the validation cases that contain ET (the primary metric: on an ET-free case
+    # an empty prediction scores Dice 1, which a segmenter that never finds ET would collect).
+    et_present = dict(zip(val_ids, learnt_lib.regions_present(val_label)[:, REGIONS.index("ET")]))
+    stat_ids = [c for c in val_ids if et_present[c]]
     per_case = [{"mode": mode, "seed": seed, "k": k, "share": cells[(mode, seed, k)].budget, "case": case,
+                 "et_present": bool(et_present[case]),
                  **{m: table.values(cells[(mode, seed, k)], m, [case])[0] for m in evaluation.METRICS}}
                 for (mode, seed, k) in cells for case in val_ids]
     io_utils.write_csv(os.path.join(results, "per_case.csv"), per_case)
+    gate = _gate(config, per_case, val_ids, real_seg, val_image, val_label)
+    io_utils.write_csv(os.path.join(results, "gate.csv"), gate)
+    per_case = [r for r in per_case if r["et_present"]] if stat_ids else per_case
+    val_ids = stat_ids or val_ids
     sweep_rows = _sweep_rows(per_case, config)
     io_utils.write_csv(os.path.join(results, "poison_sweep.csv"), sweep_rows)
     tests = []
@@ -129,6 +139,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
 
     fig = dice_figure(sweep_rows, config, os.path.join(workdir, "figures", "dice_vs_share.png"))
     headline = _headline(sweep_rows, tests, detection, quality, config, n_val=len(val_ids))
+    headline.update({"gate": gate, "et_learnt": bool(gate[0]["learnt"]), "n_val_all": len(et_present)})
     headline.update({"wall_seconds": time.perf_counter() - t_start, "gan_seconds": gan_s,
                      "sweep_train_seconds": t_train, "eval_seconds": t_eval, "detect_seconds": detect_s})
     io_utils.write_json(os.path.join(results, "headline.json"), headline)
@@ -137,6 +148,18 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     logging.info("poison sweep: done in %.0f s; report at %s", headline["wall_seconds"],
                  os.path.join(workdir, "report.md"))
     return headline
+
+
+def _gate(config, per_case, val_ids, train_cases, val_image, val_label) -> list[dict]:
+  """The learnt-region gate for ET on the clean (k = 0) segmenters' seed-averaged Dice; the intensity baseline
+  sees the same single contrast as the segmenters."""
+  mode = str(tuple(config.sweep.modes)[0])
+  dice = _seed_average([r for r in per_case if r["mode"] == mode], mode, 0, "dice", val_ids)
+  by_region = np.stack([np.full_like(dice, np.nan), np.full_like(dice, np.nan), dice], axis=1)
+  brains = val_image[..., 0] != 0
+  return learnt_lib.gate_regions(config.gate, by_region, val_label, val_images=val_image, val_brains=brains,
+                                 train_cases=[(c.image, c.label, c.image[..., 0] != 0) for c in train_cases],
+                                 regions=("ET",))
 
 
 def _seed_average(per_case, mode, k, metric, case_ids) -> np.ndarray:

@@ -455,11 +455,14 @@ def _append_scores(out: dict, dice, ce, ce_target) -> None:
 
 
 def per_case_rows(table: common.CellTable, cells: dict, victims: Sequence[str], config,
-                  case_ids: Sequence[str], temperatures: dict | None = None) -> list[dict]:
+                  case_ids: Sequence[str], temperatures: dict | None = None,
+                  regions: Sequence[str] = REGIONS) -> list[dict]:
   """results/per_case.csv: one row per (model, attack, eps, case) from the cells, then the adaptive rows.
 
   cells: {victim: {(threat, eps): cell}}. Rows go victim by victim, volume batch by volume batch: the clean
   rows of the batch, then every threat and eps of the victim on it; then the victim's `adaptive_rows`.
+  dice_mean is the mean over `regions` (the learnt ones: `mri_poison.studies.learnt`), so the adaptive attack,
+  drops and tests see only those; dice_mean_all keeps the mean over all three.
   """
   acfg = config.attack
   eps = [float(e) for e in acfg.eps]
@@ -473,17 +476,20 @@ def per_case_rows(table: common.CellTable, cells: dict, victims: Sequence[str], 
     own = []
     for sl in common.case_batches(len(case_ids), int(acfg.batch)):
       ids = case_ids[sl]
-      own += [_row(victim, CLEAN, 0.0, cid, values[(CLEAN, 0.0)]) for cid in ids]
+      own += [_row(victim, CLEAN, 0.0, cid, values[(CLEAN, 0.0)], regions) for cid in ids]
       for threat in threats:
         for e in eps:
-          own += [_row(victim, threat, e, cid, values[(threat, e)]) for cid in ids]
+          own += [_row(victim, threat, e, cid, values[(threat, e)], regions) for cid in ids]
     rows += own + adaptive_rows(own, [t for t in threats if t != NOISE], eps)
   return rows
 
 
-def _row(model, attack, eps, case, values) -> dict:
+def _row(model, attack, eps, case, values, regions) -> dict:
   row = {"model": model, "attack": attack, "eps": float(eps), "case": str(case)}
   row.update({m: float(values[m][case]) for m in PER_CASE_COLUMNS})
+  row["dice_mean_all"] = row["dice_mean"]
+  if tuple(regions) != REGIONS:  # recomputed only then, so the all-region mean keeps the cell's bits
+    row["dice_mean"] = float(np.mean([row[f"dice_{r}"] for r in regions])) if regions else float("nan")
   return row
 
 
@@ -740,7 +746,8 @@ def masking_rows(per_case: list[dict], sanity: Sequence[dict], models: Sequence[
   """Signs of gradient masking per model (means over cases): saturated-softmax fraction; at the reference eps
   the best deployed-logit CE attack (T = 1, `DEPLOYED_CE`) vs adaptive (gap > 0: T = 1 attacks overstate
   robustness), transfer vs direct PGD (transfer lower: the direct gradient is masked); adaptive Dice at the
-  largest eps (collapse: below `collapse_dice`); the share of untargeted attacks whose plain CE rose."""
+  largest eps (collapse: below `collapse_dice`, from a clean mean Dice at least twice that, so a model that never
+  segmented cannot "collapse"); the share of untargeted attacks whose plain CE rose."""
   ref, top = float(reference_eps), max(float(e) for e in eps)
   mean = lambda m, a, e: (lambda v: float(np.mean(list(v.values()))) if v else float("nan"))(
       tables.paired_values(per_case, {"model": m, "attack": a, "eps": e}, "dice_mean"))
@@ -751,13 +758,14 @@ def masking_rows(per_case: list[dict], sanity: Sequence[dict], models: Sequence[
     t1 = min(deployed) if deployed else float("nan")
     adaptive = mean(m, ADAPTIVE, ref)
     untargeted = [s for s in srow if s["attack"] not in TARGETED + (NOISE, "transfer")]
-    adaptive_top = mean(m, ADAPTIVE, top)
+    adaptive_top, clean = mean(m, ADAPTIVE, top), mean(m, CLEAN, 0.0)
     out.append({
         "model": m, "saturated_fraction": srow[0]["saturated_fraction"] if srow else float("nan"),
         "zero_grad_fraction": srow[0]["zero_grad_fraction"] if srow else float("nan"),
         "dice_t1_best": t1, "dice_adaptive": adaptive, "t1_adaptive_gap": t1 - adaptive,
         "dice_pgd": mean(m, "pgd", ref), "dice_transfer": mean(m, "transfer", ref),
-        "dice_adaptive_max_eps": adaptive_top, "max_eps": top, "collapses": bool(adaptive_top < collapse_dice),
+        "dice_adaptive_max_eps": adaptive_top, "max_eps": top, "dice_clean": clean,
+        "collapses": bool(adaptive_top < collapse_dice <= clean / 2),
         "ce_rose_fraction": float(np.mean([s["ce_increased_fraction"] for s in untargeted])) if untargeted
                             else float("nan")})
   return out

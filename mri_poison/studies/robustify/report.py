@@ -47,6 +47,18 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
   r.heading("Findings and caveats")
   r.bullets(findings(config, res, headline))
 
+  r.heading("Victim check: the regions the clean model learnt")
+  g = config.gate
+  r.table(headline["gate"], ["region", "n_cases", "dice", "baseline", "learnt", "reason"],
+          formats={"learnt": lambda v: "learnt" if v else "not learnt: no result"},
+          caption=f"Clean undefended model, on the validation cases that contain each region: mean Dice against "
+                  f"the floor {float(g.floor):g} and an intensity-only baseline (per-voxel softmax regression on the "
+                  f"contrasts, fitted on the training cases) on the same cases; at least {int(g.min_cases)} such "
+                  "cases (*defaults chosen here*, config `gate`). Every 'mean Dice' below averages the learnt "
+                  "regions only; per-region columns show all three.",
+          headers={"n_cases": "cases with it", "dice": "clean Dice", "baseline": "intensity baseline",
+                   "learnt": "verdict"})
+
   r.heading("Headline: the adaptive attack")
   r.image(figs["adaptive"], "mean Dice vs eps under the adaptive attack", base_dir=workdir)
   halving = {h["model"]: h for h in res["halving"] if h["attack"] == ADAPTIVE}
@@ -61,7 +73,7 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
                  "half": _fmt_ci(h.get("eps_half", float("nan")), h.get("ci_low", float("nan")),
                                  h.get("ci_high", float("nan")))})
   r.table(rows, ["model", "clean", "t1", "adaptive", "ci", "drop", "half"], formats={"drop": lambda v: f"{v:.1f}"},
-          caption=f"Mean Dice (average of WT, TC, ET over volumes) clean, under the strongest T = 1 CE attack "
+          caption=f"Mean Dice (average of the learnt regions over volumes) clean, under the strongest T = 1 CE attack "
                   f"(the paper's protocol: best mean of {', '.join(a for a in DEPLOYED_CE if a in acfg.attacks)}) "
                   f"and under the adaptive attack at eps = {ref:g}; relative drop = 100 (1 - adaptive mean "
                   "Dice / clean mean Dice) of the same model; eps_1/2: the budget at which the adaptive mean Dice "
@@ -252,13 +264,26 @@ def _cost_text(cost) -> str:
   return f"{train + cost['eval_seconds']:.0f} s of compute ({train:.0f} s training, {cost['eval_seconds']:.0f} s evaluation)"
 
 
+def gate_finding(gate) -> str:
+  """One sentence on which regions the clean model learnt (and so carry results)."""
+  kept = [g["region"] for g in gate if g["learnt"]]
+  dropped = [f"{g['region']} ({g['reason']})" for g in gate if not g["learnt"]]
+  if not dropped:
+    return f"The clean model learnt every region ({', '.join(kept)}); mean Dice averages all three."
+  return (f"Not learnt, so no result: {'; '.join(dropped)}. "
+          + (f"Every mean Dice, drop and test below averages {', '.join(kept)} only." if kept else ""))
+
+
 def findings(config, res: dict, headline: dict) -> list[str]:
   """What the numbers do and do not support, in words (primary = Holm-corrected; the rest exploratory)."""
   ref, n = headline["reference_eps"], int(headline["n_val"])
   comparisons, masking = res["comparisons"], {m["model"]: m for m in res["masking"]}
   halving = {h["model"]: h for h in res["halving"] if h["attack"] == ADAPTIVE}
   primary = [c for c in comparisons if c["family"] == "primary"]
-  out = []
+  out = [gate_finding(headline["gate"])]
+  if not headline["learnt_regions"]:
+    return out + ["No effect is claimed: the clean model learnt no tumour region, so every attack and defence "
+                  "number in this report is exploratory (train longer or at a finer grid)."]
   sig = lambda c: c["p_holm"] < 0.05
   desc = lambda c: (f"{c['mean_diff']:+.3f} [95 % CI {c['ci_low']:+.3f}, {c['ci_high']:+.3f}], Holm p = "
                     f"{_p(c['p_holm'])}, n = {c['n']} (effective {c['n_effective']})")
@@ -326,7 +351,9 @@ def findings(config, res: dict, headline: dict) -> list[str]:
   sat = [f"{m} {mm['saturated_fraction']:.0%}" for m, mm in masking.items()]
   gaps = [f"{m} {mm['t1_adaptive_gap']:+.3f}" for m, mm in masking.items()]
   transfer = [m for m, mm in masking.items() if mm["dice_transfer"] < mm["dice_pgd"]]
-  collapse = [m for m, mm in masking.items() if not mm["collapses"]]
+  floor = float(config.eval.get("collapse_dice", 0.1))
+  never = [m for m, mm in masking.items() if not mm["dice_clean"] >= 2 * floor]
+  collapse = [m for m, mm in masking.items() if not mm["collapses"] and m not in never]
   out.append("Gradient masking: saturated-softmax share of brain voxels " + ", ".join(sat)
              + f"; T = 1 CE attack minus adaptive mean Dice at eps = {ref:g}: " + ", ".join(gaps)
              + ". " + (f"Transfer from the undefended model hurts more than the model's own PGD for: "
@@ -335,8 +362,11 @@ def findings(config, res: dict, headline: dict) -> list[str]:
              + " " + (f"The adaptive attack does not drive Dice near 0 at eps = {max(float(e) for e in config.attack.eps):g} "
                       f"for: {', '.join(collapse)} (either true robustness or an attack too weak: check the "
                       "trajectories)." if collapse else
-                      f"Every model collapses (adaptive mean Dice < {float(config.eval.get('collapse_dice', 0.1)):g}) "
-                      f"at eps = {max(float(e) for e in config.attack.eps):g}: no model is robust to large budgets."))
+                      f"Every model collapses (adaptive mean Dice < {floor:g}) at eps = "
+                      f"{max(float(e) for e in config.attack.eps):g}: no model is robust to large budgets."
+                      if not never else "")
+             + (f" No collapse is claimed for {', '.join(never)}: clean mean Dice below {2 * floor:g}, twice the "
+                "collapse level." if never else ""))
   n_primary = len(primary)
   best_p = min(1.0, n_primary * 2.0 / 2 ** n) if n else 1.0
   out.append(

@@ -12,11 +12,13 @@ import numpy as np
 from absl import logging
 
 from mri_poison import io_utils
+from mri_poison.data.case import REGIONS
 from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import figures
 from mri_poison.report import nifti
 from mri_poison.report import tables
 from mri_poison.studies import common
+from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.robustify import evaluation as ev
 from mri_poison.studies.robustify.evaluation import (ATTACKS, DICE_COLUMNS, EPS_MODES, EVAL_VERSION, NOISE, TARGETS,
                                                      attack_volumes, make_scorer, make_target)
@@ -26,7 +28,7 @@ from mri_poison.train import workdir as workdir_lib
 
 # What may change between runs of one workdir: the attacks and the evaluation only add evaluation cells (or
 # reuse them); everything else would change the trained models.
-RESUMABLE_KEYS = ("attack.", "eval.")
+RESUMABLE_KEYS = ("attack.", "eval.", "gate.")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -109,7 +111,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     if cells == "none":
       logging.info("robustify: models trained; eval.cells=none, so nothing is evaluated")
       return {"trained": sorted(params), "wall_seconds": time.perf_counter() - t_start}
-    return _evaluate_and_report(config, workdir, params, data, val, t_start)
+    return _evaluate_and_report(config, workdir, params, data, val, t_start, train)
 
 
 def _run_share(config, workdir, data, share, t_start) -> dict:
@@ -161,7 +163,17 @@ def _evaluate(config, params, data, table):
   return todo, cells, digests, time.perf_counter() - t_eval
 
 
-def _evaluate_and_report(config, workdir, params, data, val_cases, t_start) -> dict:
+def _gate(config, table, cells, data, case_ids, train_cases) -> list[dict]:
+  """The learnt-region gate on the undefended model's clean Dice; its regions are the ones every model is
+  judged on (so defences are compared on the same regions)."""
+  clean = cells[ev.SOURCE][(ev.CLEAN, 0.0)]
+  dice = np.stack([table.values(clean, f"dice_{r}", case_ids) for r in REGIONS], axis=1)
+  return learnt_lib.gate_regions(
+      config.gate, dice, data["label"], val_images=data["image"], val_brains=data["brain"],
+      train_cases=[(c.image, c.label, brain_mask(c.image)) for c in train_cases])
+
+
+def _evaluate_and_report(config, workdir, params, data, val_cases, t_start, train_cases) -> dict:
   acfg, ecfg = config.attack, config.eval
   eps = sorted(float(e) for e in acfg.eps)
   n, case_ids = data["image"].shape[0], list(data["case_id"])
@@ -173,7 +185,10 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start) -> d
   table.save()  # folds in the cells of array tasks (results/shards/), even when nothing was left to compute
   ref_eps = _nearest(eps, ecfg.reference_eps)
   n_boot, seed = int(ecfg.get("n_boot", 1000)), int(config.seed)
-  per_case = ev.per_case_rows(table, cells, MODELS, config, case_ids, temps)
+  gate = _gate(config, table, cells, data, case_ids, train_cases)
+  io_utils.write_csv(os.path.join(results, "gate.csv"), gate)
+  regions = learnt_lib.learnt(gate) or REGIONS  # none learnt: every number is exploratory (the report says so)
+  per_case = ev.per_case_rows(table, cells, MODELS, config, case_ids, temps, regions)
   io_utils.write_csv(os.path.join(results, "per_case.csv"), per_case)
   summary = tables.summarize(per_case, ["model", "attack", "eps"], DICE_COLUMNS)
   clean_mean = {r["model"]: r["dice_mean_mean"] for r in summary if r["attack"] == "clean"}
@@ -231,6 +246,7 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start) -> d
                  and r["eps"] == ref_eps), float("nan"))
 
   headline = {
+      "gate": gate, "learnt_regions": list(learnt_lib.learnt(gate)),
       "clean_dice": clean_mean,
       "reference_eps": ref_eps,
       "dice_at_reference_eps": {m: {a: at_ref(m, a) for a in [ev.ADAPTIVE] + attacks_of[m] + [NOISE]}

@@ -1,0 +1,154 @@
+"""Did the clean victim learn a tumour region? The gate a study applies before it claims any effect there.
+
+An attack, a poison or a protection can only lower the Dice of a region the clean model segments. A model near
+chance on a region scores there from the cases that lack the region (an empty prediction on an empty region is
+Dice 1), so averaging such a region into a headline mean, a drop or a paired test measures nothing. A region
+(WT, TC, ET) counts as learnt when, on the held-out cases that contain it:
+
+- there are at least `min_cases` of them;
+- the clean victim's mean Dice is at least `floor`;
+- and it beats an intensity-only baseline on the same cases: a per-voxel multinomial logistic regression on
+  the MR contrasts, fitted on the training cases' brain voxels (no spatial context). A network that does no
+  better than that has learnt nothing an attack on its features could remove.
+
+A study reports every region in a table with its verdict and leaves the others out of headline means, drops
+and tests ("not learnt: no result").
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+from scipy import optimize
+
+from mri_poison.data.case import REGIONS, brats_regions
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The gate's settings [ours: the papers state no such check]."""
+  return ml_collections.ConfigDict(dict(
+      floor=0.3,  # least mean Dice on the held-out cases that contain the region
+      min_cases=3,  # fewer cases that contain the region: not judged (not learnt)
+      baseline=True,  # also require beating the intensity-only baseline on the same cases
+      baseline_voxels=200_000))  # training voxels the baseline is fitted on (a seeded sample when more)
+
+
+def regions_present(labels) -> np.ndarray:
+  """(n, 3) bool: case i's ground truth holds region WT / TC / ET (at least one voxel)."""
+  labels = np.asarray(labels)
+  return brats_regions(labels).reshape(labels.shape[0], -1, len(REGIONS)).any(axis=1)
+
+
+def _features(image: np.ndarray) -> np.ndarray:
+  return np.concatenate([image, np.ones(image.shape[:-1] + (1,), image.dtype)], axis=-1)
+
+
+def fit_intensity_baseline(cases, *, n_classes: int = 4, max_voxels: int = 200_000, seed: int = 0) -> np.ndarray:
+  """Weights (C + 1, n_classes) of a softmax regression from a brain voxel's C contrasts to its label.
+
+  cases: (image (..., C), label (...), brain (...) bool) per training case (grids may differ). Fitted by L-BFGS
+  on the mean cross-entropy over the brain voxels, at most `max_voxels` of them (a seeded equal share per case);
+  a tiny L2 term keeps it bounded when a class is separable. Classes absent from those voxels get a very
+  negative bias, so they are never predicted.
+  """
+  cases = list(cases)
+  rng = np.random.default_rng(seed)
+  per_case = max(1, max_voxels // max(len(cases), 1))
+  xs, ys = [], []
+  for image, label, brain in cases:
+    idx = np.flatnonzero(np.asarray(brain, bool))
+    if len(idx) > per_case:
+      idx = np.sort(rng.choice(idx, per_case, replace=False))
+    xs.append(np.asarray(image, np.float64).reshape(-1, np.shape(image)[-1])[idx])
+    ys.append(np.asarray(label).reshape(-1)[idx].astype(np.int64))
+  x, y = np.concatenate(xs), np.concatenate(ys)
+  if not len(y):
+    raise ValueError("intensity baseline: the training cases have no brain voxels")
+  x = _features(x)
+  onehot = np.eye(n_classes)[y]
+  shape = (x.shape[1], n_classes)
+
+  def loss_and_grad(w):
+    w = w.reshape(shape)
+    z = x @ w
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    loss = -np.mean(np.log(np.maximum((p * onehot).sum(axis=1), 1e-300))) + 1e-6 * np.sum(w * w)
+    return loss, (x.T @ (p - onehot) / len(y) + 2e-6 * w).ravel()
+
+  result = optimize.minimize(loss_and_grad, np.zeros(np.prod(shape)), jac=True, method="L-BFGS-B",
+                             options=dict(maxiter=500))
+  w = result.x.reshape(shape)
+  w[-1, ~np.isin(np.arange(n_classes), y)] = -1e9
+  return w
+
+
+def predict_intensity_baseline(weights, images, brains) -> np.ndarray:
+  """Labels (n, ...) int32: the baseline's most likely class per brain voxel, background elsewhere."""
+  logits = _features(np.asarray(images, np.float64)) @ np.asarray(weights)
+  return np.where(np.asarray(brains, bool), np.argmax(logits, axis=-1), 0).astype(np.int32)
+
+
+def region_dice(preds, labels) -> np.ndarray:
+  """(n, 3) Dice per case and region (WT, TC, ET); a region empty in both prediction and truth scores 1."""
+  p = brats_regions(np.asarray(preds)).reshape(len(preds), -1, len(REGIONS))
+  t = brats_regions(np.asarray(labels)).reshape(len(labels), -1, len(REGIONS))
+  inter, total = (p & t).sum(axis=1), p.sum(axis=1) + t.sum(axis=1)
+  return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
+
+
+def check_regions(clean_dice, present, baseline_dice=None, *, floor: float, min_cases: int,
+                  regions: Sequence[str] = REGIONS) -> list[dict]:
+  """One row per region: did the clean victim learn it?
+
+  clean_dice, baseline_dice: (n, 3) per-case Dice (WT, TC, ET) of the clean victim and of the intensity-only
+  baseline on the same held-out cases (baseline None: not compared); present: (n, 3) bool (`regions_present`).
+  Rows: region, n_cases (cases that contain it), dice and baseline (means over those cases), floor, learnt,
+  reason (why not learnt; empty when learnt). Only `regions` are judged (e.g. ("ET",) for an ET segmenter).
+  """
+  clean_dice, present = np.asarray(clean_dice, np.float64), np.asarray(present, bool)
+  rows = []
+  for i, region in enumerate(REGIONS):
+    if region not in regions:
+      continue
+    has = present[:, i]
+    n = int(has.sum())
+    dice = float(clean_dice[has, i].mean()) if n else float("nan")
+    base = float(np.asarray(baseline_dice)[has, i].mean()) if n and baseline_dice is not None else float("nan")
+    if n < min_cases:
+      reason = f"only {n} held-out case(s) contain it (gate.min_cases = {min_cases})"
+    elif dice < floor:
+      reason = f"clean Dice {dice:.3f} on the cases that contain it is below the floor {floor:g}"
+    elif baseline_dice is not None and not dice > base:
+      reason = f"clean Dice {dice:.3f} does not beat the intensity-only baseline's {base:.3f}"
+    else:
+      reason = ""
+    rows.append({"region": region, "n_cases": n, "dice": dice, "baseline": base, "floor": float(floor),
+                 "learnt": not reason, "reason": reason})
+  return rows
+
+
+def learnt(rows: Sequence[dict]) -> tuple[str, ...]:
+  """The learnt regions of `check_regions` rows, in REGIONS order."""
+  return tuple(r["region"] for r in rows if r["learnt"])
+
+
+def gate_regions(config, clean_dice, val_labels, *, train_cases=(), val_images=None, val_brains=None,
+                 regions: Sequence[str] = REGIONS) -> list[dict]:
+  """`check_regions` with the settings of `config` (a `default_config()`), the baseline included when asked.
+
+  clean_dice: (n, 3) per-case clean Dice of the victim on the held-out cases with labels `val_labels` (n, ...).
+  train_cases: (image, label, brain) per training case; val_images / val_brains: the held-out images and brain
+  masks. All three are needed when config.baseline is on.
+  """
+  baseline = None
+  if bool(config.baseline):
+    train_cases = list(train_cases)
+    if not train_cases or val_images is None or val_brains is None:
+      raise ValueError("gate.baseline=True needs the training cases and the held-out images and brain masks")
+    weights = fit_intensity_baseline(train_cases, max_voxels=int(config.baseline_voxels))
+    baseline = region_dice(predict_intensity_baseline(weights, val_images, val_brains), val_labels)
+  return check_regions(clean_dice, regions_present(val_labels), baseline, floor=float(config.floor),
+                       min_cases=int(config.min_cases), regions=regions)
