@@ -106,3 +106,17 @@ def test_gate_regions_uses_the_config_and_needs_training_cases_for_the_baseline(
     learnt.gate_regions(config, dice, label)
   config.baseline = False
   assert learnt.learnt(learnt.gate_regions(config, dice, label)) == REGIONS
+
+
+def test_the_table_view_averages_only_the_learnt_regions(tmp_path):
+  from mri_poison.studies import common
+  table = common.CellTable(str(tmp_path / "cells.csv"))
+  cell = common.make_cell("v", "clean", 0.0, params="p", settings={}, cases=["a", "b"], version=1)
+  values = {"dice_WT": [0.9, 0.8], "dice_TC": [0.5, 0.1], "dice_ET": [1.0, 0.0]}
+  table.add(cell, ["a", "b"], {**values, "dice_mean": np.mean(list(values.values()), axis=0), "ce": [1.0, 2.0]})
+  view = learnt.LearntDiceView(table, ("WT", "TC"))
+  np.testing.assert_allclose(view.values(cell, "dice_mean", ["b", "a"]), [0.45, 0.7])
+  np.testing.assert_array_equal(view.values(cell, "ce", ["a", "b"]), [1.0, 2.0])
+  every = learnt.LearntDiceView(table, REGIONS)
+  np.testing.assert_array_equal(every.values(cell, "dice_mean", ["a"]), table.values(cell, "dice_mean", ["a"]))
+  assert cell in view and view.path == table.path  # everything else reads through

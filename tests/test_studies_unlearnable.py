@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import unlearnable as config_lib
+from mri_poison.data.case import REGIONS
 from mri_poison.data.datasets import phantom_cases
 from mri_poison.studies import unlearnable
 
@@ -72,6 +73,13 @@ def test_tiny_study_end_to_end(tmp_path):
   victims = {"none/standard", "random/standard", "none/purify", "random/purify", "random@0.5/standard",
              "none/transfer", "random/transfer"}
   assert set(headline["dice"]) == victims
+  # The gate on the clean-trained victim: at most 2 test cases hold a region, below gate.min_cases = 3, so no
+  # region counts as learnt and the findings claim nothing.
+  held = [int(np.isin(c.label, labels).any()) for labels in ((1, 2, 3), (1, 3), (3,)) for c in splits["val"]]
+  assert [(g["region"], g["n_cases"], g["learnt"]) for g in headline["gate"]] == [
+      (r, sum(held[2 * i:2 * i + 2]), False) for i, r in enumerate(REGIONS)]
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "No region was learnt: no protection effect is claimed" in report and "survives it" not in report
   for d in headline["dice"].values():
     assert 0.0 <= d["ci"][0] <= d["mean"] <= d["ci"][1] <= 1.0
   # the transfer victim is trained and scored as counter.transfer's architecture, not the surrogate's

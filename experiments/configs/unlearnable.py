@@ -37,6 +37,7 @@ from experiments.configs import base_config
 from mri_poison.data.datasets import default_data_config
 from mri_poison.defenses import adversarial
 from mri_poison.poison import unlearnable
+from mri_poison.studies import learnt
 
 VARIANTS = ("runlocal", "phantom", "phase_map", "countered", "brats")
 
@@ -108,6 +109,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       slice_batch=8, pad_multiple=4,  # whole-slice prediction of the test volumes
       write_cases=4,  # protected training cases written as NIfTI per method (-1: all, 0: none)
       write_tfds=True))  # the whole protected training split as TFDS brats_protected/<method> (array_record)
+  # Learnt-region gate (mri_poison/studies/learnt.py) on the clean-trained standard victim (*defaults chosen here*).
+  config.gate = learnt.default_config()
 
   d, t, p = config.data, config.train, config.protect
   if variant in ("runlocal", "phase_map"):

@@ -152,3 +152,25 @@ def gate_regions(config, clean_dice, val_labels, *, train_cases=(), val_images=N
     baseline = region_dice(predict_intensity_baseline(weights, val_images, val_brains), val_labels)
   return check_regions(clean_dice, regions_present(val_labels), baseline, floor=float(config.floor),
                        min_cases=int(config.min_cases), regions=regions)
+
+
+class LearntDiceView:
+  """A read-only view of a `common.CellTable` whose `dice_mean` averages `dice_<region>` over the learnt
+  `regions` only (every other metric, and dice_mean when all three are learnt, read through unchanged).
+
+  Lets a study's analysis, written against the cells' `dice_mean`, see the gated mean without re-keying cells.
+  """
+
+  def __init__(self, table, regions: Sequence[str]):
+    self.table, self.regions = table, tuple(regions)
+
+  def values(self, cell, metric: str, cases) -> np.ndarray:
+    if metric == "dice_mean" and self.regions and self.regions != REGIONS:
+      return np.mean([self.table.values(cell, f"dice_{r}", cases) for r in self.regions], axis=0)
+    return self.table.values(cell, metric, cases)
+
+  def __contains__(self, cell) -> bool:
+    return cell in self.table
+
+  def __getattr__(self, name):
+    return getattr(self.table, name)

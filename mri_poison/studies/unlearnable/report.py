@@ -7,10 +7,12 @@ import numpy as np
 
 from mri_poison import io_utils
 from mri_poison import metrics
+from mri_poison.data.case import REGIONS
 from mri_poison.ops import morphology
 from mri_poison.report import figures
 from mri_poison.report import markdown
 from mri_poison.report import tables
+from mri_poison.studies import learnt as learnt_lib
 
 PAPER = {"psnr_db": 50.03, "dsc_clean_pct": 82.18, "dsc_protected_pct": 6.80}
 # A counter-measure that lowers the clean-trained victim by more than this (mean Dice) is no fair test of a
@@ -228,6 +230,13 @@ def finish(config, workdir, table, cells, plan, methods, train_ids, test, protec
   p = config.protect
   regimes = tuple(config.counter.regimes)
   test_ids = list(test["case_id"])
+  # The gate: regions the clean-trained standard victim learnt; every mean Dice below averages those only.
+  clean = np.stack([table.values(cells["none/standard"], f"dice_{r}", test_ids) for r in REGIONS], axis=1)
+  gate = learnt_lib.gate_regions(config.gate, clean, test["label"], val_images=test["image"],
+                                 val_brains=(test["image"] != 0).any(-1),
+                                 train_cases=[(c.image, c.label, (c.image != 0).any(-1)) for c in train_cases])
+  io_utils.write_csv(os.path.join(results, "gate.csv"), gate)
+  table = learnt_lib.LearntDiceView(table, learnt_lib.learnt(gate))
   vrows = victim_rows(table, cells, plan, test_ids)
   qrows = quality_rows(table, list(quality_cells), train_ids, quality_cells)
   for row in qrows:  # derived from the protected volumes (not a cell): cheap, and re-derived on every run
@@ -257,6 +266,7 @@ def finish(config, workdir, table, cells, plan, methods, train_ids, test, protec
                                  os.path.join(fig_dir, "sweep.png"))
   q = {r["method"]: r for r in qrows}
   headline = {
+      "gate": gate, "learnt_regions": list(learnt_lib.learnt(gate)),
       "n_test": len(test_ids), "n_train": len(train_ids), "n_train_slices": int(np.shape(data["image"])[0]),
       "dice": {n: {"mean": r["dice_mean_mean"], "sd": r["dice_mean_sd"], "ci": [r["ci_low"], r["ci_high"]]}
                for n, r in by.items()},
@@ -379,7 +389,14 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
   n = headline["n_test"]
   by = {r["victim"]: r for r in vrows}
   q = {r["method"]: r for r in qrows}
-  out = []
+  kept = headline["learnt_regions"]
+  dropped = [f"{g['region']} ({g['reason']})" for g in headline["gate"] if not g["learnt"]]
+  out = [f"Not learnt by the clean-trained victim, so no result: {'; '.join(dropped)}. "
+         + (f"Every Dice below averages {', '.join(kept)} only." if kept else
+            "No region was learnt: no protection effect is claimed and every number below is exploratory.")
+         ] if dropped else []
+  if not kept:
+    return out
   seeds = {m: [by[n]["dice_mean_mean"] for n in by if n == f"{m}/standard" or n.startswith(f"{m}/standard@seed=")]
            for m in ("none",) + tuple(x for x in {n.split("/")[0] for n in by})}
   spread = float(np.ptp(seeds["none"])) if len(seeds["none"]) > 1 else None
@@ -409,7 +426,9 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
     m, regime = r["b"].split("/")
     std, own = primary.get(f"{m}/standard"), by[f"none/{regime}"]["dice_mean_mean"]
     cost = by["none/standard"]["dice_mean_mean"] - own
-    if cost > COUNTER_COST_MAX:
+    if std is None or not std["ci_low"] > 0:
+      verdict = "with no protection effect under standard training there is nothing for it to undo"
+    elif cost > COUNTER_COST_MAX:
       verdict = (f"the counter-measure itself costs the clean victim {cost:.2f} Dice, so this row cannot tell "
                  "whether the protection survives it")
     elif r["ci_low"] > 0:
@@ -466,6 +485,18 @@ def write_report(config, workdir, vrows, qrows, comp, figs, headline, srows=(), 
               f"data falls from {PAPER['dsc_clean_pct']} % to {PAPER['dsc_protected_pct']} %.")
   r.heading("Findings and caveats")
   r.bullets(findings(config, vrows, qrows, comp, headline))
+  r.heading("Victim check: the regions the clean-trained victim learnt")
+  g = config.gate
+  r.table(headline["gate"], ["region", "n_cases", "dice", "baseline", "learnt", "reason"],
+          formats={"learnt": lambda v: "learnt" if v else "not learnt: no result"},
+          caption=f"Clean-trained standard victim on the test cases that contain each region: mean Dice against the "
+                  f"floor {float(g.floor):g} and an intensity-only baseline (per-voxel softmax regression on the "
+                  f"contrasts, fitted on the clean training cases); at least {int(g.min_cases)} such cases "
+                  "(*defaults chosen here*, config `gate`). Every 'Dice' in this report averages the learnt regions "
+                  "only (all three when none is learnt, and then nothing here is a result); the per-region columns "
+                  "show all three.",
+          headers={"n_cases": "cases with it", "dice": "clean Dice", "baseline": "intensity baseline",
+                   "learnt": "verdict"})
   r.heading("Victims (clean-test Dice)")
   r.image(figs["dice"], "Dice vs method", base_dir=workdir)
   r.table(vrows, ["victim", "dice_mean_mean", "dice_mean_sd", "ci_low", "ci_high", "dice_WT_mean", "dice_TC_mean",

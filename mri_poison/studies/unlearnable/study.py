@@ -24,7 +24,7 @@ from mri_poison.train import trainer
 from mri_poison.train import evaluate as evaluate_lib
 
 # What may change between runs of one workdir: evaluation and report settings only add or re-derive results.
-RESUMABLE_KEYS = ("eval.",)
+RESUMABLE_KEYS = ("eval.", "gate.")
 EVAL_VERSION = 1
 DICE = ("dice_WT", "dice_TC", "dice_ET", "dice_mean")
 QUALITY = ("psnr", "ssim", "share_roi", "share_band", "linf_scaled")
