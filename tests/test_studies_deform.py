@@ -36,6 +36,14 @@ def test_tiny_run_writes_cells_report_and_volumes_then_reuses_them(tmp_path):
   assert len(headline["primary"]) == 2 and all(0 <= p["p_holm"] <= 1 for p in headline["primary"])
   report = open(os.path.join(workdir, "report.md")).read()
   assert "Findings and caveats" in report and "exploratory" in report
+  # The gate on the clean undefended victim, per region; 4 held-out cases, so at most 4 hold a region.
+  gate = headline["gate"]["2d"]
+  assert [g["region"] for g in gate] == ["WT", "TC", "ET"] and all(0 <= g["n_cases"] <= 4 for g in gate)
+  assert "Victim check" in report
+  for g in gate:
+    assert g["learnt"] == (g["n_cases"] >= 3 and g["dice"] >= 0.3 and g["dice"] > g["baseline"])
+    if not g["learnt"]:
+      assert f"{g['region']} ({g['reason']})" in report
   assert os.path.exists(os.path.join(workdir, "figures", "achieved_vs_target_2d.png"))
   assert any(f.endswith("_label.nii.gz") for f in os.listdir(os.path.join(workdir, "volumes")))
   # A rerun computes nothing new and gives the same numbers.

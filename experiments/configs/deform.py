@@ -22,6 +22,7 @@ from experiments.configs import base_config
 from mri_poison.attacks import deform
 from mri_poison.data.datasets import default_data_config
 from mri_poison.defenses import deform_augment
+from mri_poison.studies import learnt
 
 VARIANTS = ("runlocal", "phantom", "brats")
 
@@ -77,6 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       example_delta=0.2,  # Delta of the example figures and NIfTI volumes
       n_volumes=2,  # held-out cases per arm written as NIfTI (adversarial image, warped label, predictions)
       reference_eps=0.3))  # eps of the headline defence comparison under PGD
+  # Learnt-region gate (mri_poison/studies/learnt.py) on the clean undefended victim (*defaults chosen here*).
+  config.gate = learnt.default_config()
 
   if variant == "runlocal":
     config.data.update(dict(n_cases=24, n_val=12))

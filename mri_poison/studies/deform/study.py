@@ -13,13 +13,14 @@ from mri_poison import io_utils
 from mri_poison.attacks import deform
 from mri_poison.report import nifti
 from mri_poison.studies import common
+from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.deform import evaluation as ev
 from mri_poison.studies.deform import report as report_lib
 from mri_poison.studies.deform import training
 from mri_poison.train import state as state_lib
 
 # Keys that only add results: another Delta, eps, attack, batch or example changes cells, never a model.
-RESUMABLE_KEYS = ("attack.", "eval.", "variant")
+RESUMABLE_KEYS = ("attack.", "eval.", "gate.", "variant")
 
 
 def _check_config(config) -> None:
@@ -53,7 +54,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
     from mri_poison.data.datasets import load_splits
     table = common.CellTable(os.path.join(workdir, "results", "cells.csv"))
-    cells_by_victim, case_ids, arm_data, models = {}, {}, {}, {}
+    cells_by_victim, case_ids, arm_data, models, gates = {}, {}, {}, {}, {}
     timings = {}
     for ai, arm in enumerate(config.arms):
       t0 = time.perf_counter()
@@ -79,6 +80,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
         n = ev.evaluate(table, cells, apply_fn, params, data, config, key,
                         generator=generator if victim == "undefended" else None)
         logging.info("deform: %s/%s: %d of %d cells computed", arm, victim, n, len(cells))
+      gates[arm] = _gate(config, apply_fn, victims["undefended"], data, sp["train"])
       models[arm] = (apply_fn, victims, generator)
       timings[f"{arm}_eval_s"] = time.perf_counter() - t0
 
@@ -90,11 +92,23 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     io_utils.write_csv(os.path.join(results, "comparisons.csv"), comparisons)
     examples = {arm: _examples(config, workdir, arm, arm_data[arm], *models[arm]) for arm in config.arms}
     figs = report_lib.summary_figures(config, workdir, table, cells_by_victim, case_ids)
+    io_utils.write_csv(os.path.join(results, "gate.csv"), [dict(arm=a, **g) for a in gates for g in gates[a]])
     headline = _headline(config, summary, comparisons, timings, t_start)
+    headline["gate"] = gates
     io_utils.write_json(os.path.join(results, "headline.json"), headline)
     report_lib.write_report(config, workdir, summary, comparisons, headline, examples, figs)
     logging.info("deform: done in %.0f s; report at %s", headline["wall_seconds"], os.path.join(workdir, "report.md"))
     return headline
+
+
+def _gate(config, apply_fn, params, data, train_cases, batch: int = 4) -> list[dict]:
+  """The learnt-region gate on the undefended victim's clean per-region Dice over the arm's held-out data."""
+  preds = np.concatenate([np.asarray(jnp.argmax(apply_fn(params, jnp.asarray(data["image"][i:i + batch])), -1))
+                          for i in range(0, len(data["image"]), batch)])
+  return learnt_lib.gate_regions(
+      config.gate, learnt_lib.region_dice(preds, data["label"]), data["label"], val_images=data["image"],
+      val_brains=(data["image"] != 0).any(-1),
+      train_cases=[(c.image, c.label, (c.image != 0).any(-1)) for c in train_cases])
 
 
 def _values(table, cells, victim, threat, budget, ids, metric="dice"):
