@@ -93,3 +93,19 @@ def test_study_end_to_end_writes_metrics_per_ratio_and_reuses_on_rerun(tmp_path,
   again = poison.run(config, str(tmp_path), splits=splits)  # everything reused: same numbers, no new cell
   assert again["replace"]["dice"] == headline["replace"]["dice"]
   assert os.path.getmtime(tmp_path / "results" / "cells.csv") == mtime
+
+
+def test_grid_slice_is_never_blank():
+  from mri_poison.data.case import Case
+  from mri_poison.studies.poison import translator
+  image = np.zeros((8, 8, 6, 2), np.float32)
+  image[2:6, 2:6, 1:5] = 1.0  # brain on slices 1-4, most of it everywhere there
+  label = np.zeros((8, 8, 6), np.int32)
+  case = Case(case_id="c", image=image, label=label, affine=np.eye(4), spacing=(1.0, 1.0, 1.0),
+              modalities=("ct", "t1ce"))
+  assert translator._figure_slice(case) == 1  # no tumour: the first slice with the most brain, not slice 0
+  label[3, 3, 3] = 2
+  label[3:5, 3:5, 2] = 1
+  assert translator._figure_slice(case.replace(label=label)) == 2  # no ET: the most tumour
+  label[3, 3, 4] = 3
+  assert translator._figure_slice(case.replace(label=label)) == 4  # the most ET

@@ -36,19 +36,32 @@ def quality_rows(synthetic, cases, target: int) -> list[dict]:
   return rows
 
 
+def _figure_slice(case) -> int:
+  """The axial slice with the most enhancing tumour, else the most tumour, else the most brain (never a blank
+  slice picked by argmax over zeros)."""
+  masks = ([case.label == 3, case.label > 0] if case.label is not None else []) + [(case.image != 0).any(-1)]
+  for mask in masks:
+    counts = mask.sum(axis=(0, 1))
+    if counts.max() > 0:
+      return int(np.argmax(counts))
+  return case.image.shape[2] // 2
+
+
 def grid_figure(cases, synthetic, source: int, target: int, names, path: str, n: int = 3) -> str:
-  """Rows: cases; columns: source / synthetic / real target on the slice with the most enhancing tumour."""
+  """Rows: cases (those with enhancing tumour first); columns: source / synthetic / real target on the slice
+  `_figure_slice` picks."""
   import matplotlib.pyplot as plt
   n = max(1, min(int(n), len(cases)))
+  order = sorted(range(len(cases)), key=lambda i: cases[i].label is None or not (cases[i].label == 3).any())
   fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
-  for i in range(n):
+  for row, i in enumerate(order[:n]):
     c = cases[i]
-    z = int(np.argmax((c.label == 3).sum(axis=(0, 1)))) if c.label is not None else c.shape[2] // 2
+    z = _figure_slice(c)
     panels = [(c.image[:, :, z, source], f"{names[0]} (source)"), (synthetic[i][:, :, z], f"synthetic {names[1]}"),
               (c.image[:, :, z, target], f"real {names[1]}")]
     lo, hi = np.percentile(c.image[:, :, z, target], [1, 99])
     for j, (img, title) in enumerate(panels):
-      ax = axes[i, j]
+      ax = axes[row, j]
       kw = {} if j == 0 else {"vmin": lo, "vmax": hi}
       ax.imshow(np.rot90(img), cmap="gray", **kw)
       ax.set_title(f"{c.case_id}: {title}" if j == 0 else title, fontsize=8)
