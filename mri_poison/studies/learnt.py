@@ -199,3 +199,21 @@ class LearntDiceView:
 
   def __getattr__(self, name):
     return getattr(self.table, name)
+
+
+def report_table(report, rows: Sequence[dict], config, victim: str, *, columns: Sequence[str] = ()) -> None:
+  """The "Victim check" section of a study's report.md: one row per (`columns`, region) with its verdict.
+
+  report: a `mri_poison.report.markdown.Report`; rows: `check_regions` rows (plus `columns`); config: the gate's.
+  """
+  report.heading("Victim check: the regions the clean model learnt")
+  report.table(
+      rows, [*columns, "region", "n_cases", "dice", "baseline", "learnt", "reason"],
+      formats={"learnt": lambda v: "learnt" if v else "not learnt: no result"},
+      caption=f"{victim}, on the held-out cases that contain each region: mean Dice against the floor "
+              f"{float(config.floor):g} and an intensity-only baseline (per-voxel softmax regression on the "
+              "contrasts fitted on the training cases, each region thresholded for its best training Dice) on the "
+              f"same cases; at least {int(config.min_cases)} such cases (*defaults chosen here*, config `gate`). A "
+              "region that fails carries no result: means, drops and tests leave it out.",
+      headers={"n_cases": "cases with it", "dice": "clean Dice", "baseline": "intensity baseline",
+               "learnt": "verdict"})

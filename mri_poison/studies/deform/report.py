@@ -13,6 +13,7 @@ from mri_poison.data.datasets import describe_source  # noqa: E402
 from mri_poison.report import figures  # noqa: E402
 from mri_poison.report import markdown  # noqa: E402
 from mri_poison.report import tables  # noqa: E402
+from mri_poison.studies import learnt as learnt_lib  # noqa: E402
 
 PAPER = ("Chen et al. (SASHIMI 2019, arXiv 1909.11167), on their data (2D CT, multi-organ CNN segmentation): "
          "the abstract reports that the learned attack lowers Dice by a pre-specified amount with anatomically "
@@ -182,16 +183,8 @@ def write_report(config, workdir, summary, comparisons, headline, examples, figs
       f"Config variant `{config.variant}`; arms {tuple(config.arms)}; wall time {headline['wall_seconds']:.0f} s.")
   r.heading("Findings and caveats")
   r.bullets(_findings(config, summary, comparisons, headline.get("gate")))
-  r.heading("Victim check: the regions the clean model learnt")
-  r.table([dict(arm=a, **g) for a, rows in headline["gate"].items() for g in rows],
-          ["arm", "region", "n_cases", "dice", "baseline", "learnt", "reason"],
-          formats={"learnt": lambda v: "learnt" if v else "not learnt: no result"},
-          caption=f"Clean undefended victim on the held-out cases that contain each region: mean Dice against the "
-                  f"floor {float(config.gate.floor):g} and an intensity-only baseline (per-voxel softmax regression "
-                  f"on the contrasts, fitted on the training cases); at least {int(config.gate.min_cases)} such cases "
-                  "(*defaults chosen here*, config `gate`).",
-          headers={"n_cases": "cases with it", "dice": "clean Dice", "baseline": "intensity baseline",
-                   "learnt": "verdict"})
+  learnt_lib.report_table(r, [dict(arm=a, **g) for a, rows in headline["gate"].items() for g in rows],
+                          config.gate, "Clean undefended victim", columns=("arm",))
   r.heading("Protocol")
   r.bullets([
       f"Data: `{d.source}` cases, 4 contrasts, z-scored inside the brain, labels 0-3. 2D arm: one axial slice per "

@@ -8,6 +8,7 @@ from mri_poison.data.datasets import describe_source
 from mri_poison.defenses import adversarial as adv_lib
 from mri_poison.report import markdown
 from mri_poison.report import tables
+from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.robustify.evaluation import (ADAPTIVE, ATTACK_TEXT, DEPLOYED_CE, NOISE, SOURCE,
                                                      SUCCESS_COLUMNS)
 from mri_poison.studies.robustify.training import MODELS, training_budgets
@@ -47,17 +48,7 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
   r.heading("Findings and caveats")
   r.bullets(findings(config, res, headline))
 
-  r.heading("Victim check: the regions the clean model learnt")
-  g = config.gate
-  r.table(headline["gate"], ["region", "n_cases", "dice", "baseline", "learnt", "reason"],
-          formats={"learnt": lambda v: "learnt" if v else "not learnt: no result"},
-          caption=f"Clean undefended model, on the validation cases that contain each region: mean Dice against "
-                  f"the floor {float(g.floor):g} and an intensity-only baseline (per-voxel softmax regression on the "
-                  f"contrasts, fitted on the training cases) on the same cases; at least {int(g.min_cases)} such "
-                  "cases (*defaults chosen here*, config `gate`). Every 'mean Dice' below averages the learnt "
-                  "regions only; per-region columns show all three.",
-          headers={"n_cases": "cases with it", "dice": "clean Dice", "baseline": "intensity baseline",
-                   "learnt": "verdict"})
+  learnt_lib.report_table(r, headline["gate"], config.gate, "Clean undefended model")
 
   r.heading("Headline: the adaptive attack")
   r.image(figs["adaptive"], "mean Dice vs eps under the adaptive attack", base_dir=workdir)
@@ -270,8 +261,8 @@ def gate_finding(gate) -> str:
   dropped = [f"{g['region']} ({g['reason']})" for g in gate if not g["learnt"]]
   if not dropped:
     return f"The clean model learnt every region ({', '.join(kept)}); mean Dice averages all three."
-  return (f"Not learnt, so no result: {'; '.join(dropped)}. "
-          + (f"Every mean Dice, drop and test below averages {', '.join(kept)} only." if kept else ""))
+  return (f"Not learnt, so no result: {'; '.join(dropped)}."
+          + (f" Every mean Dice, drop and test below averages {', '.join(kept)} only." if kept else ""))
 
 
 def findings(config, res: dict, headline: dict) -> list[str]:

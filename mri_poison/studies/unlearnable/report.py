@@ -485,18 +485,7 @@ def write_report(config, workdir, vrows, qrows, comp, figs, headline, srows=(), 
               f"data falls from {PAPER['dsc_clean_pct']} % to {PAPER['dsc_protected_pct']} %.")
   r.heading("Findings and caveats")
   r.bullets(findings(config, vrows, qrows, comp, headline))
-  r.heading("Victim check: the regions the clean-trained victim learnt")
-  g = config.gate
-  r.table(headline["gate"], ["region", "n_cases", "dice", "baseline", "learnt", "reason"],
-          formats={"learnt": lambda v: "learnt" if v else "not learnt: no result"},
-          caption=f"Clean-trained standard victim on the test cases that contain each region: mean Dice against the "
-                  f"floor {float(g.floor):g} and an intensity-only baseline (per-voxel softmax regression on the "
-                  f"contrasts, fitted on the clean training cases); at least {int(g.min_cases)} such cases "
-                  "(*defaults chosen here*, config `gate`). Every 'Dice' in this report averages the learnt regions "
-                  "only (all three when none is learnt, and then nothing here is a result); the per-region columns "
-                  "show all three.",
-          headers={"n_cases": "cases with it", "dice": "clean Dice", "baseline": "intensity baseline",
-                   "learnt": "verdict"})
+  learnt_lib.report_table(r, headline["gate"], config.gate, "Clean-trained standard victim (test cases)")
   r.heading("Victims (clean-test Dice)")
   r.image(figs["dice"], "Dice vs method", base_dir=workdir)
   r.table(vrows, ["victim", "dice_mean_mean", "dice_mean_sd", "ci_low", "ci_high", "dice_WT_mean", "dice_TC_mean",
