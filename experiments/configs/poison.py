@@ -65,7 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.update(dict(n_cases=18, n_val=6))
     config.model.features = (8, 16)
     # 500 steps [ours]: at 120 the k = 0 segmenters found no ET (Dice 0.000 / 0.016 on the ET cases of the main
-    # job); at 500 they reach 0.55 / 0.58 (seeds 0 / 1, 15 ET cases) and the stage takes ~4 min on 2 cores.
+    # job); at 500 they reach 0.52 / 0.52 (seeds 0 / 1, the main job's 23 ET cases) and the main job's stage takes
+    # ~4 min on 2 cores.
     t.update(dict(steps=500, warmup_steps=10, log_every=100, ckpt_every=500))
     sw.seeds = (0, 1)
     config.detect.update(dict(steps=100, n_boot=200))
