@@ -160,6 +160,11 @@ def learnt(rows: Sequence[dict]) -> tuple[str, ...]:
   return tuple(r["region"] for r in rows if r["learnt"])
 
 
+def not_learnt_text(rows: Sequence[dict]) -> str:
+  """The regions that failed, with why, for a report sentence: "TC (reason); ET (reason)" ("" if none)."""
+  return "; ".join(f"{r['region']} ({r['reason']})" for r in rows if not r["learnt"])
+
+
 def gate_regions(config, clean_dice, val_labels, *, train_cases=(), val_images=None, val_brains=None,
                  regions: Sequence[str] = REGIONS) -> list[dict]:
   """`check_regions` with the settings of `config` (a `default_config()`), the baseline included when asked.

@@ -106,11 +106,11 @@ def summary_figures(config, workdir, table, cells_by_victim, case_ids) -> dict:
 
 
 def _gate_finding(arm, gate) -> str | None:
-  dropped = [f"{g['region']} ({g['reason']})" for g in gate if not g["learnt"]]
+  dropped = learnt_lib.not_learnt_text(gate)
   if not dropped:
     return None
-  kept = [g["region"] for g in gate if g["learnt"]]
-  return (f"{arm}: not learnt by the clean undefended victim, so no result: {'; '.join(dropped)}. The attacks "
+  kept = learnt_lib.learnt(gate)
+  return (f"{arm}: not learnt by the clean undefended victim, so no result: {dropped}. The attacks "
           "aim at the Dice averaged over WT, TC and ET, so "
           + (f"their drops mix in unlearnt regions: read them as exploratory, and only the per-region drops of "
              f"{', '.join(kept)} as results." if kept else "no drop below is a result (no region was learnt)."))

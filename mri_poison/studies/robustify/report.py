@@ -257,11 +257,10 @@ def _cost_text(cost) -> str:
 
 def gate_finding(gate) -> str:
   """One sentence on which regions the clean model learnt (and so carry results)."""
-  kept = [g["region"] for g in gate if g["learnt"]]
-  dropped = [f"{g['region']} ({g['reason']})" for g in gate if not g["learnt"]]
+  kept, dropped = learnt_lib.learnt(gate), learnt_lib.not_learnt_text(gate)
   if not dropped:
     return f"The clean model learnt every region ({', '.join(kept)}); mean Dice averages all three."
-  return (f"Not learnt, so no result: {'; '.join(dropped)}."
+  return (f"Not learnt, so no result: {dropped}."
           + (f" Every mean Dice, drop and test below averages {', '.join(kept)} only." if kept else ""))
 
 

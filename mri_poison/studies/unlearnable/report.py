@@ -390,8 +390,8 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
   by = {r["victim"]: r for r in vrows}
   q = {r["method"]: r for r in qrows}
   kept = headline["learnt_regions"]
-  dropped = [f"{g['region']} ({g['reason']})" for g in headline["gate"] if not g["learnt"]]
-  out = [f"Not learnt by the clean-trained victim, so no result: {'; '.join(dropped)}. "
+  dropped = learnt_lib.not_learnt_text(headline["gate"])
+  out = [f"Not learnt by the clean-trained victim, so no result: {dropped}. "
          + (f"Every Dice below averages {', '.join(kept)} only." if kept else
             "No region was learnt: no protection effect is claimed and every number below is exploratory.")
          ] if dropped else []
