@@ -11,6 +11,7 @@ from absl import logging
 
 from mri_poison import io_utils
 from mri_poison.attacks import deform
+from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import nifti
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
@@ -107,8 +108,8 @@ def _gate(config, apply_fn, params, data, train_cases, batch: int = 4) -> list[d
                           for i in range(0, len(data["image"]), batch)])
   return learnt_lib.gate_regions(
       config.gate, learnt_lib.region_dice(preds, data["label"]), data["label"], val_images=data["image"],
-      val_brains=(data["image"] != 0).any(-1),
-      train_cases=[(c.image, c.label, (c.image != 0).any(-1)) for c in train_cases])
+      val_brains=brain_mask(data["image"]),
+      train_cases=[(c.image, c.label, brain_mask(c.image)) for c in train_cases])
 
 
 def _values(table, cells, victim, threat, budget, ids, metric="dice"):

@@ -8,6 +8,7 @@ import numpy as np
 from mri_poison import io_utils
 from mri_poison import metrics
 from mri_poison.data.case import REGIONS
+from mri_poison.data.preprocess import brain_mask
 from mri_poison.ops import morphology
 from mri_poison.report import figures
 from mri_poison.report import markdown
@@ -233,8 +234,8 @@ def finish(config, workdir, table, cells, plan, methods, train_ids, test, protec
   # The gate: regions the clean-trained standard victim learnt; every mean Dice below averages those only.
   clean = np.stack([table.values(cells["none/standard"], f"dice_{r}", test_ids) for r in REGIONS], axis=1)
   gate = learnt_lib.gate_regions(config.gate, clean, test["label"], val_images=test["image"],
-                                 val_brains=(test["image"] != 0).any(-1),
-                                 train_cases=[(c.image, c.label, (c.image != 0).any(-1)) for c in train_cases])
+                                 val_brains=brain_mask(test["image"]),
+                                 train_cases=[(c.image, c.label, brain_mask(c.image)) for c in train_cases])
   io_utils.write_csv(os.path.join(results, "gate.csv"), gate)
   table = learnt_lib.LearntDiceView(table, learnt_lib.learnt(gate))
   vrows = victim_rows(table, cells, plan, test_ids)
