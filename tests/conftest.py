@@ -10,5 +10,5 @@ import os
 if os.environ.get("MRI_POISON_TEST_JAX_CACHE", "1") != "0":
   _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax")
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the many small eager programs too
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -17,15 +17,15 @@ def _run(out_dir, *flags, timeout=900):
 
 
 def test_dry_run_within_its_budget(tmp_path):
-  """One job of each kind (the full dry run, 14 jobs, is ~6 min of compiles: `python -m
-  experiments.bench.gpu_check --dry_run`), under a budget that cannot fit them all: jobs that run are ok with
+  """Three jobs (the full dry run, 14 jobs, is ~6 min of compiles: `python -m experiments.bench.gpu_check
+  --dry_run`) and a fourth under a budget that cannot fit it: jobs that run are ok with
   numbers, the rest are skipped saying why, and the command returns within its budget."""
-  budget = 110.0  # the unrolled CPU attack loop compiles longer than the rolled one did (75 s before)
-  proc, summary, wall = _run(tmp_path, f"--budget_s={budget}",
-                             "--only=unet128,peer128,pgd,sweep,sliding,study_unlearnable")
+  # unet128 and pgd take ~25 s each on 2 loaded cores (their compiles); the study smoke (~100 s) cannot fit.
+  budget = 75.0
+  proc, summary, wall = _run(tmp_path, f"--budget_s={budget}", "--only=unet128,peer128,pgd,study_unlearnable")
   assert wall <= budget + 8, wall  # + interpreter start-up and the final write
   jobs = {j["name"]: j for j in summary["jobs"]}
-  assert len(jobs) == 6
+  assert len(jobs) == 4 and jobs["study_unlearnable"]["status"] in ("skipped", "timeout")  # it cannot fit
   # On a loaded CI machine a job may reach its (budget-shortened) cap: killed and said so, which the command's
   # exit status reports. A crash ("failed") never passes.
   timed_out = [n for n, j in jobs.items() if j["status"] == "timeout"]
@@ -39,8 +39,6 @@ def test_dry_run_within_its_budget(tmp_path):
   assert jobs["unet128"]["status"] == "ok" and jobs["pgd"]["status"] == "ok"
   assert jobs["unet128"]["result"]["step_ms"] > 0 and jobs["unet128"]["result"]["peak"]["host_max_rss_bytes"] > 0
   assert jobs["pgd"]["result"]["pgd_ms"] > 0 and jobs["pgd"]["result"]["steps"] == 10
-  if jobs["sweep"]["status"] == "ok":
-    assert {"2d", "3d"} <= set(jobs["sweep"]["result"]) and jobs["sweep"]["result"]["3d"]["speedup"] > 0
   ratios = summary["ratios"]
   assert set(ratios) >= {"unet_step_vs_torch_compile_128", "pgd10_speedup_vs_torchattacks", "sweep_speedup_2d",
                          "sweep_speedup_3d", "vmapped_vs_sequential"}

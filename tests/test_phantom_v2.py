@@ -234,6 +234,31 @@ def test_mni_template_cache_is_reused(tmp_path, monkeypatch):
   np.testing.assert_array_equal(affine, affine2)
 
 
+def test_built_cases_are_kept_on_disk_and_equal_a_fresh_build(tmp_path, monkeypatch):
+  monkeypatch.setenv("MRI_POISON_CACHE", str(tmp_path))
+  fresh = phantom_v2.make_case_and_maps(3, (16, 16, 16))[0]
+  first = phantom_v2.make_case(3, (16, 16, 16))
+  files = sorted((tmp_path / "cases").glob("*.npz"))
+  assert len(files) == 1
+  again = phantom_v2.make_case(3, (16, 16, 16))
+  for case in (first, again):
+    np.testing.assert_array_equal(case.image, fresh.image)
+    np.testing.assert_array_equal(case.label, fresh.label)
+    np.testing.assert_array_equal(case.affine, fresh.affine)
+    assert (case.spacing, case.case_id, case.modalities) == (fresh.spacing, fresh.case_id, fresh.modalities)
+  # Another option, seed or modality set is another file; a damaged file is built again and replaced.
+  dimmer = phantom_v2.make_case(3, (16, 16, 16), options={"tumour_contrast": 0.5})
+  assert not np.array_equal(dimmer.image, fresh.image)
+  phantom_v2.make_case(3, (16, 16, 16), ("t1ce",))
+  assert len(list((tmp_path / "cases").glob("*.npz"))) == 3
+  files[0].write_bytes(b"not an npz")
+  np.testing.assert_array_equal(phantom_v2.make_case(3, (16, 16, 16)).image, fresh.image)
+  assert files[0].stat().st_size > 1000
+  monkeypatch.setenv("MRI_POISON_CASE_CACHE", "0")  # off: nothing new is written
+  phantom_v2.make_case(4, (16, 16, 16))
+  assert len(list((tmp_path / "cases").glob("*.npz"))) == 3
+
+
 def test_calibration_intensity_only_falls_short():
   """The issue's calibration, on a small grid: the v2 tumour is not separable by intensity the way v1's was."""
   from experiments.bench import phantom_stats

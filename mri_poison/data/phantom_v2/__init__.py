@@ -25,7 +25,7 @@ import numpy as np
 
 from mri_poison.data.case import MODALITIES, Case
 from mri_poison.data.phantom_v1 import smooth_noise
-from mri_poison.data.phantom_v2 import acquisition, anatomy, growth, lookalikes, tissues
+from mri_poison.data.phantom_v2 import acquisition, anatomy, case_cache, growth, lookalikes, tissues
 from mri_poison.data.phantom_v2.tissues import TISSUES, T
 
 ALL_MODALITIES = ("t1", "t1ce", "t2", "flair", "ct")
@@ -69,8 +69,19 @@ def _options(options) -> ml_collections.ConfigDict:
 
 def make_case(seed: int, shape: Sequence[int] = (64, 64, 64), modalities: Sequence[str] = MODALITIES,
               options: Mapping | None = None) -> Case:
-  """One v2 phantom case (see the module doc); float32 image, zero outside the brain mask, >= 1 inside."""
-  return make_case_and_maps(seed, shape, modalities, options)[0]
+  """One v2 phantom case (see the module doc); float32 image, zero outside the brain mask, >= 1 inside.
+
+  Kept on disk after it is first built (`case_cache`), so the same head is built once per machine.
+  """
+  shape, modalities = tuple(int(s) for s in shape), tuple(modalities)
+  if not case_cache.enabled() or len(shape) != 3 or int(np.prod(shape)) > case_cache.MAX_VOXELS:
+    return make_case_and_maps(seed, shape, modalities, options)[0]
+  path = case_cache.path_for(seed, shape, modalities, _options(options).to_dict())
+  case = case_cache.load(path, seed, modalities)
+  if case is None:
+    case = make_case_and_maps(seed, shape, modalities, options)[0]
+    case_cache.store(path, case)
+  return case
 
 
 def make_case_and_maps(seed: int, shape: Sequence[int] = (64, 64, 64), modalities: Sequence[str] = MODALITIES,
