@@ -9,7 +9,7 @@ Any field can be overridden, e.g. --config.attack.deltas='(0.1,0.2)' --config.de
 Outputs: workdir/report.md (start there), results/*.csv, figures/*.png, volumes/*.nii.gz, models/*.
 
 Variants:
-  runlocal  CPU, a few minutes on 2 cores: 2D arm only (24^2 phantom slices, 12 held-out cases), short training.
+  runlocal  CPU, about 3 min on 2 cores: 2D arm only (24^2 phantom slices, 12 held-out cases), short training.
   phantom   (default) CPU, ~10 min on 2 cores: 2D arm (24 held-out phantom cases, one slice each: undefended
             and augmentation-defended U-Nets, per-case attack, generator, random fields, i-FGSM/PGD) and a
             small 3D arm (16^3 volumes, 20 held-out cases, undefended U-Net: per-case attack, generator, random).
