@@ -143,3 +143,22 @@ def test_phase_map_on_a_2x2_grid(tmp_path):
   with pytest.raises(ValueError, match="phase_map.axis"):
     config.phase_map.axis = "data.phantom.tumor_contrast"
     phase_map.run(config, str(tmp_path / "bad"))
+
+
+def test_umed_target_check_says_no_result_when_umed_did_not_converge():
+  """The first finding judges UMed only when its surrogate fitted (hallmark <= protect.hallmark_max)."""
+  from mri_poison.studies.unlearnable import report
+  config = config_lib.get_config("runlocal")
+  vrows = [{"victim": "none/standard", "dice_mean_mean": 0.50}, {"victim": "umed/standard", "dice_mean_mean": 0.47}]
+  qrows = [{"method": "umed", "psnr_mean": 49.1, "psnr_sd": 2.4}]
+  comp = [{"family": "primary", "a": "none/standard", "b": "umed/standard", "mean_diff": 0.03, "ci_low": -0.01,
+           "ci_high": 0.08, "p_holm": 0.59, "p_value": 0.3, "n_effective": 20}]
+  gate = [{"region": r, "learnt": True, "reason": ""} for r in ("WT", "TC", "ET")]
+
+  def first(hallmark):
+    info = {"umed": {"surrogate_ce_protected": hallmark, "surrogate_ce_clean": 1.0, "hallmark": hallmark}}
+    headline = {"n_test": 20, "learnt_regions": ["WT", "TC", "ET"], "gate": gate, "protection_info": info}
+    return report.findings(config, vrows, qrows, comp, headline)[0]
+
+  assert "NO RESULT" in first(1.0) and "hallmark 1.00" in first(1.0)
+  assert "NOT MET" in first(0.1) and "NO RESULT" not in first(0.1)

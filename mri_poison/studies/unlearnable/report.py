@@ -333,6 +333,13 @@ def tumour_contrast(cases, eps: float) -> float:
   return float(np.median(out)) if out else float("nan")
 
 
+def _hallmark(info: dict) -> float | None:
+  """A trained protection's hallmark (surrogate CE on protected / clean slices); None for a fixed pattern."""
+  if "surrogate_ce_protected" not in info:
+    return None
+  return info.get("hallmark", info["surrogate_ce_protected"] / max(info["surrogate_ce_clean"], 1e-12))
+
+
 def diagnosis(config, by, q, headline) -> list[str]:
   """Generated sentences on why a protection does or does not work here (shortcut, surrogate fit, sweep)."""
   out = []
@@ -362,8 +369,8 @@ def diagnosis(config, by, q, headline) -> list[str]:
                                         "real tumour appearance)."))
   hallmark_max = float(config.protect.get("hallmark_max", 0.3))
   for m, inf in headline.get("protection_info", {}).items():
-    if "surrogate_ce_protected" in inf:
-      ratio = inf.get("hallmark", inf["surrogate_ce_protected"] / max(inf["surrogate_ce_clean"], 1e-12))
+    ratio = _hallmark(inf)
+    if ratio is not None:
       verdict = ("converged: the noise, not the tumour, is what the surrogate fits" if ratio <= hallmark_max else
                  f"NOT CONVERGED (ratio above {hallmark_max:g}): no error-minimising noise was produced, so this "
                  "protection's victim numbers are not a result about the method")
@@ -453,12 +460,16 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
                  f"cost: the clean-trained victim scores {by['none/standard']['dice_mean_mean']:.3f} with standard "
                  f"training and {own} under the counter-measures; protected-data victims under a counter-measure "
                  "track the clean-data victim under the same counter-measure (the 'counter-measure' family rows).")
+    ratio = _hallmark(headline.get("protection_info", {}).get("umed", {}))
+    unfit = ratio is not None and ratio > float(config.protect.get("hallmark_max", 0.3))
     out.insert(0, f"**UMed target check** (a UMed-protected victim clearly below the clean-trained one at PSNR >= 40 "
                   f"dB): Dice {by['umed/standard']['dice_mean_mean']:.3f} vs {by['none/standard']['dice_mean_mean']:.3f}"
                   f", PSNR {q['umed']['psnr_mean']:.1f} dB: "
                   + ("MET." if worked and q["umed"]["psnr_mean"] >= 40 else
-                     "NOT MET: at this budget and training length the protection does not make the data unlearnable "
-                     "here; the paper's drop (82 % -> 7 %) is not reproduced."))
+                     f"NO RESULT: UMed did not converge here (hallmark {ratio:.2f}), so this run says nothing about "
+                     "whether UMed makes the data unlearnable; the paper's drop (82 % -> 7 %) is not reproduced." if unfit
+                     else "NOT MET: at this budget and training length the protection does not make the data "
+                     "unlearnable here; the paper's drop (82 % -> 7 %) is not reproduced."))
   out.extend(diagnosis(config, by, q, headline))
   out.append("Protections were trained and evaluated on the synthetic phantom, not BraTS: the numbers say whether "
              "the mechanism works on this data at this budget, not what it does on patients. One training run per "
