@@ -139,6 +139,10 @@ def test_phase_map_on_a_2x2_grid(tmp_path):
   # the clean victim differs between data points (the axis really changed the data)
   assert by[(0.3, 8 / 255, "random")]["clean_dice"] != by[(1.0, 8 / 255, "random")]["clean_dice"]
   assert set(out["boundary"]) == {"classpattern", "random"}
+  # 2 test cases < gate.min_cases: no region counts as learnt, so the drops are over all three and no point
+  # enters the boundary.
+  assert all(p["learnt_regions"] == [] for p in out["points"])
+  assert all(e is None for per in out["boundary"].values() for e in per.values())
   assert os.path.exists(tmp_path / "figures" / "phase_map.png") and os.path.exists(tmp_path / "results" / "phase_map.json")
   with pytest.raises(ValueError, match="phase_map.axis"):
     config.phase_map.axis = "data.phantom.tumor_contrast"

@@ -5,8 +5,9 @@ how much intensity evidence the phantom's tumour carries) over config.phase_map.
 (config.phase_map.eps, [0, 1]-scaled) for each of config.phase_map.methods. At each data point it trains one
 clean victim; at each (data, eps, method) it protects the training split (`study.protect`, the study's own
 protections, resumable under workdir/<point>/), trains a victim from scratch on it and scores it on the clean
-test split. The drop is the per-case paired difference clean victim - protected victim (mean Dice of WT, TC,
-ET), with a bootstrap CI over test cases; beside it the PSNR and, for trained protections, the hallmark
+test split. The drop is the per-case paired difference clean victim - protected victim (mean Dice of the regions
+the point's clean victim learnt, `studies.learnt` with config.gate; all three, and the point marked "not learnt",
+when it learnt none), with a bootstrap CI over test cases; beside it the PSNR and, for trained protections, the hallmark
 (surrogate CE protected / clean; above protect.hallmark_max the point is "not converged").
 Writes workdir/results/phase_map.json (atomically) and figures/phase_map.png (one panel per method).
 """
@@ -20,9 +21,12 @@ from absl import logging
 import numpy as np
 
 from mri_poison import io_utils, metrics
+from mri_poison.data.case import REGIONS
 from mri_poison.data.datasets import load_splits
+from mri_poison.data.preprocess import brain_mask
 from mri_poison.poison import unlearnable as ul
 from mri_poison.report import figures
+from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.unlearnable import study
 from mri_poison.train import loop as train_loop
 from mri_poison.train import state as state_lib
@@ -41,6 +45,11 @@ def _set(config, dotted: str, value):
 def _victim(config, workdir, name, cases):
   sub = study._sub_config(config, name)  # pylint: disable=protected-access
   return train_loop.train_model(sub, os.path.join(workdir, "models", name), cases=cases)
+
+
+def _region_mean(scores: dict, regions) -> np.ndarray:
+  """Per test case, the mean Dice over `regions` (from `study.score`)."""
+  return np.mean([scores[f"dice_{r}"] for r in regions], axis=0)
 
 
 def run(config, workdir: str) -> dict:
@@ -66,14 +75,20 @@ def run(config, workdir: str) -> dict:
       raise ValueError("config data.n_val: the phase map needs held-out clean test cases")
     test = study._test_arrays(test_cases)  # pylint: disable=protected-access
     data = ul.slice_set(train, width=int(cfg.protect.umed.width))
-    clean = study.score(apply_fn, _victim(cfg, point_dir, "none", train), test, cfg)["dice_mean"]
+    clean_scores = study.score(apply_fn, _victim(cfg, point_dir, "none", train), test, cfg)
+    gate = learnt_lib.gate_regions(cfg.gate, np.stack([clean_scores[f"dice_{r}"] for r in REGIONS], axis=1),
+                                   test["label"], val_images=test["image"], val_brains=brain_mask(test["image"]),
+                                   train_cases=[(c.image, c.label, brain_mask(c.image)) for c in train])
+    learnt = learnt_lib.learnt(gate)
+    regions = learnt or REGIONS
+    clean = _region_mean(clean_scores, regions)
     done += 1
     for eps in budgets:
       for method in methods:
         images, info = study.protect(method, cfg, point_dir, data, eps)
         protected = ul.to_volumes(train, data, images)
         name = study.protection_name(method, eps, cfg).replace("/", "_")
-        dice = study.score(apply_fn, _victim(cfg, point_dir, name, protected), test, cfg)["dice_mean"]
+        dice = _region_mean(study.score(apply_fn, _victim(cfg, point_dir, name, protected), test, cfg), regions)
         drop = np.asarray(clean) - np.asarray(dice)
         ci = metrics.bootstrap_ci(drop, n_boot=1000, seed=0)
         psnr = float(np.mean([ul.scaled_psnr(c.image, p.image, ul.case_range(c.image))
@@ -83,7 +98,7 @@ def run(config, workdir: str) -> dict:
                        "dice": float(np.mean(dice)), "drop": ci["estimate"], "drop_low": ci["low"],
                        "drop_high": ci["high"], "psnr": psnr, "hallmark": hallmark,
                        "converged": None if hallmark is None else bool(hallmark <= hallmark_max),
-                       "n_test": len(drop)})
+                       "learnt_regions": list(learnt), "n_test": len(drop)})
         done += 1
         elapsed = time.perf_counter() - t0
         logging.info("phase map %d/%d: %s=%g eps %.4g %s drop %.3f [%.3f, %.3f] PSNR %.1f dB (%.0f s, ETA %.0f s)",
@@ -97,13 +112,14 @@ def run(config, workdir: str) -> dict:
 
 
 def boundary(points, methods, min_drop: float = 0.05) -> dict:
-  """Per method and data value, the smallest budget whose drop CI lies above `min_drop` (None: none did)."""
+  """Per method and data value, the smallest budget whose drop CI lies above `min_drop` (None: none did), among
+  points whose protection converged and whose clean victim learnt a region."""
   out = {}
   for m in methods:
     rows = sorted((p for p in points if p["method"] == m), key=lambda p: (p["value"], p["eps"]))
     per_value = {}
     for p in rows:
-      if p["drop_low"] > min_drop and p["converged"] is not False:
+      if p["drop_low"] > min_drop and p["converged"] is not False and p.get("learnt_regions", True):
         per_value.setdefault(f"{p['value']:g}", p["eps"])
     out[m] = {f"{v:g}": per_value.get(f"{v:g}") for v in sorted({p["value"] for p in rows})}
   return out
@@ -121,7 +137,7 @@ def figure(result: dict, path: str) -> str:
     for i, v in enumerate(values):
       for j, e in enumerate(budgets):
         p = grid[(m, v, e)]
-        mark = "" if p["converged"] is not False else "*"
+        mark = ("" if p["converged"] is not False else "*") + ("" if p.get("learnt_regions", True) else "?")
         ax.text(j, i, f"{p['drop']:.2f}{mark}", ha="center", va="center", fontsize=7,
                 color="white" if p["drop"] < 0.15 else "black")
     ax.set_xticks(range(len(budgets)), [f"{e * 255:.3g}" for e in budgets])
@@ -130,17 +146,20 @@ def figure(result: dict, path: str) -> str:
     ax.set_title(m, fontsize=9)
   axes[0][0].set_ylabel(result["axis"].split(".")[-1])
   fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="victim Dice drop")
-  fig.suptitle("Dice drop of victims trained on protected data (* = hallmark not converged)", fontsize=9)
+  fig.suptitle("Dice drop of victims trained on protected data (* = hallmark not converged, "
+               "? = clean victim learnt no region)", fontsize=9)
   return figures.save_figure(fig, path)
 
 
 def markdown_lines(result: dict) -> list[str]:
   """The phase map as a table plus the boundary in words, for report.md."""
-  lines = [f"| {result['axis'].split('.')[-1]} | budget | method | drop (95 % CI) | PSNR dB | hallmark |",
-           "|---|---|---|---|---|---|"]
+  lines = [f"| {result['axis'].split('.')[-1]} | budget | method | regions learnt | drop (95 % CI) | PSNR dB | hallmark |",
+           "|---|---|---|---|---|---|---|"]
   for p in result["points"]:
     hm = "-" if p["hallmark"] is None else f"{p['hallmark']:.2f}" + ("" if p["converged"] else " (not converged)")
-    lines.append(f"| {p['value']:g} | {p['eps'] * 255:.3g}/255 | {p['method']} | {p['drop']:+.3f} "
+    regions = p.get("learnt_regions")
+    learnt = "-" if regions is None else ", ".join(regions) or "none (drop over all three, no result)"
+    lines.append(f"| {p['value']:g} | {p['eps'] * 255:.3g}/255 | {p['method']} | {learnt} | {p['drop']:+.3f} "
                  f"({p['drop_low']:+.3f}, {p['drop_high']:+.3f}) | {p['psnr']:.1f} | {hm} |")
   lines.append("")
   for m, per in result["boundary"].items():
