@@ -99,7 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (shallower and wider, group norm, ReLU) [ours]
       transfer=dict(features=(12, 24), norm="group", activation="relu")))
   # The phase map (mri_poison.studies.unlearnable.phase_map): data difficulty x budget, colour = victim Dice drop.
-  # Run after the study when `enabled`; the `phase_map` variant is the full grid (~10-15 min on 2 cores) [ours].
+  # Run after the study when `enabled`; the `phase_map` variant is the full grid (~10-15 min on 2 cores with
+  # 80-step victims; runlocal's victims now train 400 steps: not re-timed) [ours].
   config.phase_map = ml_collections.ConfigDict(dict(
       enabled=False,
       axis="data.phantom.tumour_contrast",  # any config field; 1 = the default phantom, 0 = no tumour contrast
