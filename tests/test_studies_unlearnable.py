@@ -149,20 +149,26 @@ def test_phase_map_on_a_2x2_grid(tmp_path):
     phase_map.run(config, str(tmp_path / "bad"))
 
 
-def test_umed_target_check_says_no_result_when_umed_did_not_converge():
-  """The first finding judges UMed only when its surrogate fitted (hallmark <= protect.hallmark_max)."""
+def test_umed_findings_say_no_result_when_umed_did_not_converge():
+  """The findings judge UMed only when its surrogate fitted (hallmark <= protect.hallmark_max)."""
   from mri_poison.studies.unlearnable import report
   config = config_lib.get_config("runlocal")
   vrows = [{"victim": "none/standard", "dice_mean_mean": 0.50}, {"victim": "umed/standard", "dice_mean_mean": 0.47}]
   qrows = [{"method": "umed", "psnr_mean": 49.1, "psnr_sd": 2.4}]
   comp = [{"family": "primary", "a": "none/standard", "b": "umed/standard", "mean_diff": 0.03, "ci_low": -0.01,
-           "ci_high": 0.08, "p_holm": 0.59, "p_value": 0.3, "n_effective": 20}]
+           "ci_high": 0.08, "p_holm": 0.59, "p_value": 0.3, "n_effective": 20},
+          {"family": "seed-averaged", "comparison": "clean-trained minus umed-trained", "a": "none/standard x2 seeds",
+           "b": "umed/standard x2 seeds", "mean_diff": 0.03, "ci_low": 0.003, "ci_high": 0.058, "p_value": 0.019}]
   gate = [{"region": r, "learnt": True, "reason": ""} for r in ("WT", "TC", "ET")]
 
-  def first(hallmark):
+  def lines(hallmark):
     info = {"umed": {"surrogate_ce_protected": hallmark, "surrogate_ce_clean": 1.0, "hallmark": hallmark}}
     headline = {"n_test": 20, "learnt_regions": ["WT", "TC", "ET"], "gate": gate, "protection_info": info}
-    return report.findings(config, vrows, qrows, comp, headline)[0]
+    return report.findings(config, vrows, qrows, comp, headline)
 
-  assert "NO RESULT" in first(1.0) and "hallmark 1.00" in first(1.0)
-  assert "NOT MET" in first(0.1) and "NO RESULT" not in first(0.1)
+  unfit, fit = lines(1.0), lines(0.1)
+  assert "NO RESULT" in unfit[0] and "hallmark 1.00" in unfit[0]
+  assert "NOT MET" in fit[0] and "NO RESULT" not in fit[0]
+  # The seed-averaged comparison is flagged the same way.
+  seed_line = lambda out: next(x for x in out if x.startswith("Seed-averaged"))
+  assert "did not converge" in seed_line(unfit) and "did not converge" not in seed_line(fit)

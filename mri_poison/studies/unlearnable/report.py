@@ -424,9 +424,13 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
     out.append(f"Training-seed spread (standard victims retrained with other seeds on the same data): {runs}. The CIs "
                "above are over test cases for ONE training run each; differences of the size of this spread are "
                "run-to-run noise, not effects of a protection.")
+  hallmark_max = float(config.protect.get("hallmark_max", 0.3))
   for r in (r for r in comp if r["family"] == "seed-averaged"):
+    ratio = _hallmark(headline.get("protection_info", {}).get(r["b"].split("/")[0], {}))
     out.append(f"Seed-averaged (exploratory): {r['comparison']}: difference {r['mean_diff']:+.3f} (95 % CI "
-               f"{r['ci_low']:+.3f} to {r['ci_high']:+.3f}, p = {tables.format_p(r['p_value'])}).")
+               f"{r['ci_low']:+.3f} to {r['ci_high']:+.3f}, p = {tables.format_p(r['p_value'])})"
+               + (f"; the protection did not converge (hallmark {ratio:.2f}), so this is no result about the method."
+                  if ratio is not None and ratio > hallmark_max else "."))
   primary = {r["b"]: r for r in comp if r["family"] == "primary"}
   for r in (r for r in comp if r["family"] == "counter-measure"):
     # The protection's effect is judged within a regime (clean- minus protected-trained, both under it): a
