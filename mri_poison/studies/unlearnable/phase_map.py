@@ -23,10 +23,10 @@ import numpy as np
 from mri_poison import io_utils, metrics
 from mri_poison.data.case import REGIONS
 from mri_poison.data.datasets import load_splits
-from mri_poison.data.preprocess import brain_mask
 from mri_poison.poison import unlearnable as ul
 from mri_poison.report import figures
 from mri_poison.studies import learnt as learnt_lib
+from mri_poison.studies.unlearnable import report
 from mri_poison.studies.unlearnable import study
 from mri_poison.train import loop as train_loop
 from mri_poison.train import state as state_lib
@@ -76,9 +76,7 @@ def run(config, workdir: str) -> dict:
     test = study._test_arrays(test_cases)  # pylint: disable=protected-access
     data = ul.slice_set(train, width=int(cfg.protect.umed.width))
     clean_scores = study.score(apply_fn, _victim(cfg, point_dir, "none", train), test, cfg)
-    gate = learnt_lib.gate_regions(cfg.gate, np.stack([clean_scores[f"dice_{r}"] for r in REGIONS], axis=1),
-                                   test["label"], val_images=test["image"], val_brains=brain_mask(test["image"]),
-                                   train_cases=[(c.image, c.label, brain_mask(c.image)) for c in train])
+    gate = report.clean_gate(cfg, np.stack([clean_scores[f"dice_{r}"] for r in REGIONS], axis=1), test, train)
     learnt = learnt_lib.learnt(gate)
     regions = learnt or REGIONS
     clean = _region_mean(clean_scores, regions)

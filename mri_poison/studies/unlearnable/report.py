@@ -225,6 +225,13 @@ def sweep_figure(rows, clean_dice, method, path) -> str:
   return figures.save_figure(fig, path)
 
 
+def clean_gate(config, clean, test: dict, train_cases) -> list[dict]:
+  """The gate (config.gate) on a clean-trained victim's per-case Dice `clean` (n, 3) on the test arrays."""
+  return learnt_lib.gate_regions(config.gate, clean, test["label"], val_images=test["image"],
+                                 val_brains=brain_mask(test["image"]),
+                                 train_cases=[(c.image, c.label, brain_mask(c.image)) for c in train_cases])
+
+
 def finish(config, workdir, table, cells, plan, methods, train_ids, test, protected, train_cases, data, info,
            written, *, quality_cells, shortcut_cells, timings) -> dict:
   results, fig_dir = os.path.join(workdir, "results"), os.path.join(workdir, "figures")
@@ -233,9 +240,7 @@ def finish(config, workdir, table, cells, plan, methods, train_ids, test, protec
   test_ids = list(test["case_id"])
   # The gate: regions the clean-trained standard victim learnt; every mean Dice below averages those only.
   clean = np.stack([table.values(cells["none/standard"], f"dice_{r}", test_ids) for r in REGIONS], axis=1)
-  gate = learnt_lib.gate_regions(config.gate, clean, test["label"], val_images=test["image"],
-                                 val_brains=brain_mask(test["image"]),
-                                 train_cases=[(c.image, c.label, brain_mask(c.image)) for c in train_cases])
+  gate = clean_gate(config, clean, test, train_cases)
   io_utils.write_csv(os.path.join(results, "gate.csv"), gate)
   table = learnt_lib.LearntDiceView(table, learnt_lib.learnt(gate))
   vrows = victim_rows(table, cells, plan, test_ids)
@@ -398,6 +403,7 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
   by = {r["victim"]: r for r in vrows}
   q = {r["method"]: r for r in qrows}
   kept = headline["learnt_regions"]
+  hallmark_max = float(config.protect.get("hallmark_max", 0.3))
   dropped = learnt_lib.not_learnt_text(headline["gate"])
   out = [f"Not learnt by the clean-trained victim, so no result: {dropped}. "
          + (f"Every Dice below averages {', '.join(kept)} only." if kept else
@@ -424,7 +430,6 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
     out.append(f"Training-seed spread (standard victims retrained with other seeds on the same data): {runs}. The CIs "
                "above are over test cases for ONE training run each; differences of the size of this spread are "
                "run-to-run noise, not effects of a protection.")
-  hallmark_max = float(config.protect.get("hallmark_max", 0.3))
   for r in (r for r in comp if r["family"] == "seed-averaged"):
     ratio = _hallmark(headline.get("protection_info", {}).get(r["b"].split("/")[0], {}))
     out.append(f"Seed-averaged (exploratory): {r['comparison']}: difference {r['mean_diff']:+.3f} (95 % CI "
@@ -465,7 +470,7 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
                  f"training and {own} under the counter-measures; protected-data victims under a counter-measure "
                  "track the clean-data victim under the same counter-measure (the 'counter-measure' family rows).")
     ratio = _hallmark(headline.get("protection_info", {}).get("umed", {}))
-    unfit = ratio is not None and ratio > float(config.protect.get("hallmark_max", 0.3))
+    unfit = ratio is not None and ratio > hallmark_max
     out.insert(0, f"**UMed target check** (a UMed-protected victim clearly below the clean-trained one at PSNR >= 40 "
                   f"dB): Dice {by['umed/standard']['dice_mean_mean']:.3f} vs {by['none/standard']['dice_mean_mean']:.3f}"
                   f", PSNR {q['umed']['psnr_mean']:.1f} dB: "
