@@ -12,6 +12,7 @@ traceback with --verbosity=1 or MRI_POISON_TRACEBACK=1); Ctrl-C as one line sayi
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging as py_logging
 import os
@@ -243,6 +244,34 @@ def format_config(config, comments: dict[str, str], prefix: str = "") -> list[st
   return lines
 
 
+def _field_paths(config, prefix: str = "") -> list[str]:
+  out = []
+  for key in config.keys():
+    value, name = config[key], f"{prefix}{key}"
+    out.append(name)
+    if hasattr(value, "keys") and hasattr(value, "to_dict"):
+      out += _field_paths(value, name + ".")
+  return out
+
+
+def unknown_override_hint(argv, spec: str) -> str:
+  """For each --config.a.b=value in argv that names no field of the config `spec`: a sentence saying so, with
+  the closest field names ("did you mean"). Empty when every override names a field (or the file won't load)."""
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  path, _, variant = spec.partition(":")
+  try:
+    fields = _field_paths(_config_module(path).get_config(variant or None))
+  except Exception:  # pylint: disable=broad-except
+    return ""
+  hints = []
+  for name in (o for o in overrides if o not in fields):
+    close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+    hints.append(f"--config.{name} names no field of {path}"
+                 + (f"; did you mean {' or '.join('--config.' + c for c in close)}?" if close else
+                    " (--print_config lists them)"))
+  return " ".join(hints)
+
+
 # ------------------------------------------------------------------------------------------------ running
 
 
@@ -264,7 +293,10 @@ def _fail(kind: str, e: BaseException) -> None:
   if _debug():
     traceback.print_exception(e)
   hint = "" if _debug() else "  (full traceback: --verbosity=1 or MRI_POISON_TRACEBACK=1)"
-  print(f"{kind}: {type(e).__name__}: {_root_message(e)}{hint}", file=sys.stderr)
+  message = _root_message(e)
+  if kind == "config error" and isinstance(e, (KeyError, AttributeError)) and "did you mean" not in message.lower():
+    message = unknown_override_hint(sys.argv[1:], _config_arg(sys.argv, _DEFAULT_CONFIG[0])) or message
+  print(f"{kind}: {type(e).__name__}: {message}{hint}", file=sys.stderr)
   sys.exit(1)
 
 
@@ -286,6 +318,24 @@ def _wrap_main(main):
     except Exception as e:  # pylint: disable=broad-except
       _fail("error", e)
   return wrapped
+
+
+def run_plain(main) -> None:
+  """app.run(main) for a command without a config file: --help prints its doc and flags and exits 0; an error
+  is one line (the traceback with --verbosity=1)."""
+  if any(a in ("--help", "-h", "-?") for a in sys.argv[1:]):
+    print((sys.modules["__main__"].__doc__ or "").strip() + "\n")
+    print("Flags:\n" + flags.FLAGS.main_module_help())
+    sys.exit(0)
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (SystemExit, KeyboardInterrupt, app.UsageError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      _fail("error", e)
+  app.run(wrapped)
 
 
 def run(main) -> None:

@@ -9,6 +9,7 @@ The folder loads with `mri_poison.data.loaders.load_brats_case` exactly like a r
 """
 from absl import app
 from absl import flags
+from experiments import launch_utils
 
 from mri_poison.data import phantom
 
@@ -49,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run_plain(main)

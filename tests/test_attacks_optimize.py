@@ -12,7 +12,7 @@ import pytest
 from mri_poison.attacks import gradient
 from mri_poison.attacks import loop
 from mri_poison.attacks import losses
-from mri_poison.attacks.optimize import CPU_UNROLL_LIMIT, optimize, scan_unroll, sign_step
+from mri_poison.attacks.optimize import CPU_UNROLL_LIMIT, UNROLL_ENV, optimize, scan_unroll, sign_step
 from mri_poison.models.unet import UNet
 from test_attacks_gradient import make_problem, tiny_apply  # pylint: disable=g-bad-import-order
 
@@ -164,10 +164,19 @@ def test_error_minimising_noise_min_step(problem):
   assert np.all(np.asarray(hist["final_objective"]) < 0.85 * obj[0])  # ~0.80 of the clean loss at eps 0.2
 
 
-def test_cpu_unrolled_loop_gives_the_rolled_loops_adversarial_examples_and_stops():
+def test_cpu_unrolled_loop_gives_the_rolled_loops_adversarial_examples_and_stops(monkeypatch):
   """On CPU `optimize` unrolls its loop (the fast form there): PGD on a 3D U-Net and per-example stopping give
   what the rolled `lax.scan` gives."""
+  monkeypatch.setenv(UNROLL_ENV, "auto")
   assert scan_unroll(10) is True and scan_unroll(CPU_UNROLL_LIMIT + 1) == 1 and scan_unroll(10, 1) == 1
+  monkeypatch.setenv(UNROLL_ENV, "rolled")  # the process-wide override (the test suite's, see conftest.py)
+  assert scan_unroll(10) == 1 and scan_unroll(10, True) is True
+  monkeypatch.setenv(UNROLL_ENV, "unrolled")
+  assert scan_unroll(CPU_UNROLL_LIMIT + 1) is True
+  monkeypatch.setenv(UNROLL_ENV, "fast")
+  with pytest.raises(ValueError, match="MRI_POISON_UNROLL"):
+    scan_unroll(10)
+  monkeypatch.setenv(UNROLL_ENV, "auto")
   model = UNet(features=(4, 8), out_channels=3)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8, 2))
   variables = model.init(jax.random.key(1), x)

@@ -17,20 +17,19 @@ def _run(out_dir, *flags, timeout=900):
 
 
 def test_dry_run_within_its_budget(tmp_path):
-  """Three jobs (the full dry run, 14 jobs, is ~6 min of compiles: `python -m experiments.bench.gpu_check
-  --dry_run`) and a fourth under a budget that fits it only with a warm cache: jobs that run are ok with
-  numbers, the rest are skipped saying why, and the command returns within its budget."""
-  # unet128 and pgd take ~25 s each on 2 loaded cores (their compiles); the study smoke (~100 s cold) then fits
-  # only from a warm compilation cache.
-  budget = 85.0
-  proc, summary, wall = _run(tmp_path, f"--budget_s={budget}", "--only=unet128,peer128,pgd,study_unlearnable")
+  """Two jobs (the full dry run, 14 jobs, is ~6 min of compiles: `python -m experiments.bench.gpu_check
+  --dry_run`) and a third under a budget that does not fit it: jobs that run are ok with numbers, the rest are
+  skipped or stopped at their cap saying why, and the command returns within its budget."""
+  # unet128 and pgd take ~25 s each on 2 loaded cores (their compiles); the study smoke (~100 s cold) gets what
+  # is left, which never fits it.
+  budget = 65.0
+  proc, summary, wall = _run(tmp_path, f"--budget_s={budget}", "--only=unet128,pgd,study_unlearnable")
   assert wall <= budget + 8, wall  # + interpreter start-up and the final write
   jobs = {j["name"]: j for j in summary["jobs"]}
-  assert len(jobs) == 4
-  # On a loaded CI machine a job may reach its (budget-shortened) cap: killed and said so, which the command's
-  # exit status reports. A crash ("failed") never passes.
-  timed_out = [n for n, j in jobs.items() if j["status"] == "timeout"]
-  assert proc.returncode == (1 if timed_out else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert len(jobs) == 3
+  # On a loaded CI machine a job may reach its (budget-shortened) cap: killed and said so, not an error (exit 0).
+  # A crash ("failed") never passes.
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   for name, job in jobs.items():
     assert job["status"] in ("ok", "skipped", "timeout"), (name, job.get("reason"), job.get("stderr_tail"))
     if job["status"] != "ok":
@@ -45,9 +44,8 @@ def test_dry_run_within_its_budget(tmp_path):
                          "sweep_speedup_3d", "vmapped_vs_sequential"}
   assert ratios["vmapped_vs_sequential"]["met"] is None  # the poisoning job did not run
   assert ratios["vmapped_vs_sequential"]["target"] == 2.0 and ratios["sweep_speedup_2d"]["target"] == 1.5
-  if jobs["peer128"]["status"] == "skipped":  # no peer: the ratios against it say why they are missing
-    assert ratios["unet_step_vs_torch_compile_128"]["met"] is None
-    assert "peer128" in ratios["unet_step_vs_torch_compile_128"]["note"]
+  assert ratios["unet_step_vs_torch_compile_128"]["met"] is None  # the peer did not run: said why
+  assert "peer128" in ratios["unet_step_vs_torch_compile_128"]["note"]
   md = (tmp_path / "gpu_check.md").read_text()
   assert "| 1 | unet128 | ok |" in md
   assert "# gpu_check" not in __import__("experiments.bench.gpu_check", fromlist=["x"]).results_section(summary)

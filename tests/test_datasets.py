@@ -1,9 +1,15 @@
 """load_splits: deterministic splits of preprocessed cases from the phantom and a BraTS folder; config errors."""
+import hashlib
+import os
+
 import numpy as np
 import pytest
 
 from mri_poison.data import datasets, phantom
 from mri_poison.data.case import DataError
+
+
+FITS = (12.5, 12.5, 12.5)  # resamples the 24^3 test folders' brains into the 16^3 grid (8.3 mm voxels)
 
 
 def _cfg(**kw):
@@ -51,13 +57,65 @@ def test_case_ids_sort_naturally():
 
 def test_brats_folder_source_with_a_modality_subset(tmp_path):
   phantom.write_brats_dir(str(tmp_path), 3, naming="2021", shape=(24, 24, 24), seed=0)
-  cfg = _cfg(source="brats", root=str(tmp_path), n_cases=0, n_val=1, modalities=("t1ce", "flair"))
+  cfg = _cfg(source="brats", root=str(tmp_path), spacing=FITS, n_cases=0, n_val=1, modalities=("t1ce", "flair"))
   splits = datasets.load_splits(cfg)
   cases = splits["train"] + splits["val"]
   assert len(splits["train"]) == 2 and len(splits["val"]) == 1
   assert all(c.modalities == ("t1ce", "flair") and c.image.shape == (16, 16, 16, 2) for c in cases)
   assert all(set(np.unique(c.label)) <= {0, 1, 2, 3} for c in cases)  # BraTS 2021 label 4 -> 3
   assert any((c.label == 3).any() for c in cases)
+
+
+def test_asking_for_more_cases_than_the_folder_holds_is_an_error_unless_allowed(tmp_path, caplog):
+  phantom.write_brats_dir(str(tmp_path), 3, naming="2021", shape=(24, 24, 24), seed=0)
+  cfg = _cfg(source="brats", root=str(tmp_path), spacing=FITS, n_cases=5, n_val=1)
+  with pytest.raises(DataError, match=r"data.n_cases=5, but the brats source at .* holds 3 cases: 2 would train "
+                                      r"and 1 validate instead of 4 and 1.*data.allow_fewer_cases=True"):
+    datasets.load_splits(cfg)
+  cfg.allow_fewer_cases = True
+  splits = datasets.load_splits(cfg)
+  assert len(splits["train"]) == 2 and len(splits["val"]) == 1
+  assert "holds 3 cases" in caplog.text
+  cfg.n_cases = 3  # exactly what is there: no warning needed
+  caplog.clear()
+  assert len(datasets.load_splits(cfg)["train"]) == 2 and "holds" not in caplog.text
+
+
+def test_a_crop_that_drops_brain_or_tumour_is_an_error_naming_the_case_and_the_fix(tmp_path, caplog):
+  phantom.write_brats_dir(str(tmp_path), 2, naming="2021", shape=(24, 24, 24), seed=0)
+  cfg = _cfg(source="brats", root=str(tmp_path), n_cases=0, n_val=1)  # the 24^3 heads cropped to 16^3
+  with pytest.raises(DataError, match=r"case BraTS2021_00000: its brain \(24x24x24 voxels of 8.33333x8.33333x8.33333 "
+                                      r"mm\) does not fit data.shape=\(16, 16, 16\): the crop drops .* of the brain "
+                                      r"voxels \(data.max_cropped_brain=0.02\).*data.spacing=\(12.50"):
+    datasets.load_splits(cfg)
+  cfg.on_crop_loss = "warn"
+  cropped = datasets.load_splits(cfg)["train"][0]
+  assert cropped.shape == (16, 16, 16) and "going on" in caplog.text
+  cfg.update(dict(spacing=FITS, on_crop_loss="error"))
+  resampled = datasets.load_splits(cfg)["train"][0]  # the whole brain and tumour, at 12.5 mm
+  assert resampled.shape == (16, 16, 16) and np.allclose(resampled.spacing, 12.5, atol=0.6)
+  assert (resampled.label > 0).any()
+
+
+def test_provenance_names_the_root_the_split_ids_and_each_files_hash(tmp_path):
+  phantom.write_brats_dir(str(tmp_path), 3, naming="2021", shape=(24, 24, 24), seed=0)
+  cfg = _cfg(source="brats", root=str(tmp_path), spacing=FITS, n_cases=2, n_val=1)
+  splits = datasets.load_splits(cfg)
+  record = datasets.provenance(cfg, splits)
+  assert record["root"] == str(tmp_path) and record["case_ids"] == {k: [c.case_id for c in v] for k, v in splits.items()}
+  assert sorted(record["files"]) == ["BraTS2021_00000", "BraTS2021_00001"]  # the third case is not used
+  seg = next(f for f in record["files"]["BraTS2021_00001"] if f["path"].endswith("_seg.nii.gz"))
+  data = (tmp_path / seg["path"]).read_bytes()
+  assert seg["bytes"] == len(data) and seg["sha256"] == hashlib.sha256(data).hexdigest()
+  assert len(record["files"]["BraTS2021_00001"]) == 5  # four contrasts and the label
+  assert datasets.provenance(_cfg(), datasets.load_splits(_cfg()))["case_ids"]["val"]  # phantom: ids, no files
+
+
+def test_a_case_without_a_label_is_an_error_naming_it(tmp_path):
+  phantom.write_brats_dir(str(tmp_path), 2, naming="2021", shape=(24, 24, 24), seed=0)
+  os.remove(tmp_path / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz")
+  with pytest.raises(DataError, match=r"BraTS2021_00001: no segmentation file .* need a label for every case"):
+    datasets.load_splits(_cfg(source="brats", root=str(tmp_path), spacing=FITS, n_cases=0, n_val=1))
 
 
 @pytest.mark.parametrize("changes, key", [

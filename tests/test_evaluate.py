@@ -58,6 +58,7 @@ def test_phantom_2d_training_reaches_wt_dice(tmp_path):
   # Dice 0.70 / 0.85 / 0.67 / 0.82 with train.seed 0-3 (jax 0.10.2); 200 steps at 2e-3 gave 0.34-0.72, stuck in
   # some seeds. The bar is 0.6.
   config = tiny_config(steps=300, ckpt_every=300)
+  config.model.features = (8, 16, 32)  # runlocal's three levels (the loop tests' two are below the bar here)
   config.train.update(dict(warmup_steps=10, log_every=50, eval_every=0, lr=4e-3))
   t0 = time.perf_counter()
   params = loop.train_model(config, str(tmp_path), cases=phantom_cases(6))

@@ -34,6 +34,17 @@ def test_a_misspelt_field_is_one_line_naming_the_fix(tmp_path):
   assert not os.listdir(tmp_path)  # nothing written
 
 
+def test_an_unknown_section_gets_the_closest_fields():
+  from experiments import launch_utils
+  hint = launch_utils.unknown_override_hint(["--config.data.root=/x", "--config.seed=1"],
+                                            "experiments/configs/reproduce.py")
+  assert hint.startswith("--config.data.root names no field of experiments/configs/reproduce.py; did you mean "
+                         "--config.data_root or ") and "seed" not in hint
+  assert launch_utils.unknown_override_hint(["--config.zzz=1"], "experiments/configs/unet.py:runlocal").endswith(
+      "(--print_config lists them)")
+  assert launch_utils.unknown_override_hint(["--config.train.steps=1"], "experiments/configs/unet.py") == ""
+
+
 def test_main_job_print_config_keeps_each_studys_comments():
   out = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--print_config"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from experiments.configs.reproduce import get_config
+from mri_poison.data.case import DataError
 from mri_poison.studies import reproduce
 from mri_poison.studies.reproduce import report as report_lib
 
@@ -74,6 +75,9 @@ def _fake_study(calls, fail=False):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "report.md"), "w") as f:
       f.write("# A study\n\n## Findings and caveats\n\n- it ran\n\n| x |\n|---|\n| 1.5 |\n")
+    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+    with open(os.path.join(workdir, "results", "cells.csv"), "w") as f:
+      f.write("victim,value\nm,1.5\n")
     return {"value": 1.5}
   return study
 
@@ -113,11 +117,47 @@ def test_force_and_changed_sub_config_rerun(tmp_path):
   assert not (tmp_path / "poison" / "stale.txt").exists()
 
 
+def test_a_finished_stage_whose_files_are_gone_runs_again(tmp_path, capsys):
+  calls = []
+  runners = {"poison": _fake_study(calls), "deform": _fake_study(calls)}
+  reproduce.run(_fake_config(), str(tmp_path), runners=runners)
+  os.remove(tmp_path / "poison" / "results" / "cells.csv")
+  (tmp_path / "deform" / "results" / "extra.csv").write_text("a new file does not matter")
+  calls.clear()
+  records = reproduce.run(_fake_config(), str(tmp_path), runners=runners)
+  assert [os.path.basename(c) for c in calls] == ["poison"]
+  assert not records["poison"]["reused"] and records["deform"]["reused"]
+  assert "poison: 1 of its files are gone or changed since it finished (results/cells.csv)" in capsys.readouterr().out
+  (tmp_path / "deform" / "report.md").write_text("truncated")
+  calls.clear()
+  reproduce.run(_fake_config(), str(tmp_path), runners=runners)
+  assert [os.path.basename(c) for c in calls] == ["deform"]
+
+
+def test_a_subset_run_keeps_the_other_finished_stages_in_the_report(tmp_path):
+  calls = []
+  runners = {"poison": _fake_study(calls), "deform": _fake_study(calls)}
+  reproduce.run(_fake_config(), str(tmp_path), runners=runners)
+  calls.clear()
+  records = reproduce.run(_fake_config(("deform",)), str(tmp_path), runners=runners)
+  assert set(records) == {"deform"} and not calls  # deform reused, poison not asked for
+  text = open(tmp_path / "report.md").read()
+  assert "earlier run (not in config.stages)" in text and "(poison/report.md)" in text
+
+
 def test_bad_stage_name_is_one_clear_error(tmp_path):
   assert reproduce.pipeline.stage_names(_fake_config(("poison,deform",))) == ("poison", "deform")  # CLI form
   with pytest.raises(ValueError, match="config stages=.*'posion'"):
     reproduce.run(_fake_config(("posion",)), str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+def test_brats_without_a_folder_is_one_error_before_any_stage(tmp_path):
+  workdir = str(tmp_path / "w")
+  with pytest.raises(DataError, match=r"config data_root: stage\(s\) robustify, poison, deform, unlearnable read "
+                                      r"a BraTS folder and none was given \(--config.data_root=/path"):
+    reproduce.run(get_config("brats"), workdir)
+  assert not os.path.exists(workdir)
 
 
 def test_embed_demotes_headings_and_reroots_relative_links():

@@ -38,6 +38,7 @@ def phantom_cases(n, offset=0, shape=(32, 32, 32)):
 def tiny_config(steps=8, ckpt_every=2):
   # The loop tests share this train config, so the loop's step cache compiles their step once.
   config = get_config("runlocal")
+  config.model.features = (8, 16)  # two levels: what these tests check needs no third, and compiles faster
   config.data.update(dict(batch_size=4, read_threads=1, prefetch=1))
   config.train.update(dict(steps=steps, ckpt_every=ckpt_every, log_every=1, warmup_steps=2, eval_every=5))
   return config

@@ -8,10 +8,11 @@ experiments/bench/gpu_check.py runs.
 """
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 
+from experiments import launch_utils
 from experiments.bench import timing
 from mri_poison.attacks import gradient
 from mri_poison.attacks import losses
@@ -109,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run_plain(main)

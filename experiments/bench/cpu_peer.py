@@ -24,8 +24,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
+from experiments import launch_utils
 from experiments.bench import timing
 from mri_poison import io_utils
 
@@ -272,4 +273,4 @@ def render(result) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run_plain(main)

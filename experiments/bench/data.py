@@ -11,9 +11,10 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
+from experiments import launch_utils
 from experiments.bench import timing
 
 _CASES = flags.DEFINE_integer("cases", 8, "Phantom cases generated (and fed to the pipeline).")
@@ -113,4 +114,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run_plain(main)

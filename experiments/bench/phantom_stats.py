@@ -25,6 +25,7 @@ import time
 from absl import app, flags
 import numpy as np
 
+from experiments import launch_utils
 from experiments.bench import timing
 
 _VERSIONS = flags.DEFINE_list("versions", ["v1", "v2"], "Phantom versions to compare.")
@@ -287,4 +288,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run_plain(main)

@@ -11,9 +11,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments import launch_utils
 from experiments.bench import timing
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/unet.py:phantom3d", "Model/train config.")
@@ -95,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run_plain(main)

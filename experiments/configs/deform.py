@@ -20,7 +20,7 @@ import ml_collections
 
 from experiments.configs import base_config
 from mri_poison.attacks import deform
-from mri_poison.data.datasets import default_data_config
+from mri_poison.data.datasets import FOLDER_DEFAULTS, default_data_config
 from mri_poison.defenses import deform_augment
 from mri_poison.studies import learnt
 
@@ -93,8 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attack.eps = (0.3,)
     config.eval.update(dict(example_delta=0.1, n_volumes=1))
   elif variant == "brats":
-    config.data.update(dict(source="brats", root="", n_cases=0, n_val=50, phantom_shape=(128, 128, 128),
-                            read_threads=8, prefetch=8))
+    config.data.update(dict(FOLDER_DEFAULTS, source="brats", root="", n_cases=0, n_val=50,
+                            phantom_shape=(128, 128, 128), read_threads=8, prefetch=8,
+                            spacing=(1.5, 1.5, 1.5)))  # [ours] the brain's box fits 128^3 at 1.5 mm
     config.model.update(dict(features=(32, 64, 128, 256, 320), dtype="bfloat16"))
     config.arm2d = _arm("2d", (128, 128, 128), (128, 128), 16, (32, 64, 128, 256), 20000, 1e-3)
     config.arm3d = _arm("3d", (128, 128, 128), (128, 128, 128), 2, (32, 64, 128, 256, 320), 30000, 1e-3)

@@ -19,7 +19,7 @@ Loss weights and optimiser settings are SANTA's (docs/methods.md, study 1); size
 import ml_collections
 
 from experiments.configs import base_config
-from mri_poison.data.datasets import default_data_config
+from mri_poison.data.datasets import FOLDER_DEFAULTS, default_data_config
 
 VARIANTS = ("runlocal", "phantom", "brats")
 
@@ -80,8 +80,9 @@ def data_section(variant: str) -> ml_collections.ConfigDict:
     d.update(dict(n_cases=48, n_val=24, phantom_shape=(40, 40, 40), shape=(32, 32, 32), patch_shape=(32, 32),
                   batch_size=8))
   elif variant == "brats":
-    d.update(dict(source="brats", root="", n_cases=0, n_val=50, modalities=("t1", "t1ce"),
-                  shape=(128, 128, 128), patch_shape=(128, 128), batch_size=16, read_threads=8, prefetch=8))
+    d.update(dict(FOLDER_DEFAULTS, source="brats", root="", n_cases=0, n_val=50, modalities=("t1", "t1ce"),
+                  shape=(128, 128, 128), patch_shape=(128, 128), batch_size=16, read_threads=8, prefetch=8,
+                  spacing=(1.5, 1.5, 1.5)))  # [ours] the brain's box fits 128^3 at 1.5 mm
   return d
 
 

@@ -28,7 +28,7 @@ strong as the attack list: keep "margin", "pgd_temp" and "transfer" in it when j
 import ml_collections
 
 from experiments.configs import base_config
-from mri_poison.data.datasets import default_data_config
+from mri_poison.data.datasets import FOLDER_DEFAULTS, default_data_config
 from mri_poison.defenses import adversarial
 from mri_poison.studies import learnt
 
@@ -113,7 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "brats":
     # Whole brain-cropped volumes (the BraTS brain's bounding box fits 192 x 192 x 160, so no reference label
     # is cropped away), attacked and scored through sliding-window inference with training-size windows.
-    d.update(dict(source="brats", root="", n_cases=0, n_val=50, phantom_shape=(128, 128, 128),
+    d.update(dict(FOLDER_DEFAULTS, source="brats", root="", n_cases=0, n_val=50, phantom_shape=(128, 128, 128),
                   shape=(192, 192, 160), patch_shape=(128, 128, 128), batch_size=2, read_threads=8, prefetch=8))
     m.update(dict(features=(32, 64, 128, 256, 320), dtype="bfloat16", input_dtype="float32"))
     t.update(dict(steps=30000, lr=1e-3, warmup_steps=500, log_every=100, ckpt_every=1000))

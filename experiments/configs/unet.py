@@ -18,7 +18,7 @@ Variants:
 """
 import ml_collections
 
-from mri_poison.data.datasets import default_data_config
+from mri_poison.data.datasets import FOLDER_DEFAULTS, default_data_config
 
 VARIANTS = ("runlocal", "phantom2d", "phantom3d", "brats3d")
 BASIC_UNET_FEATURES = (32, 32, 64, 128, 256, 32)  # as mri_poison.models.unet.basic_unet_features()
@@ -67,9 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.update(dict(steps=400, warmup_steps=20, log_every=25, ckpt_every=100, eval_every=200))
     e.window = (32, 32, 32)
   elif variant == "brats3d":
-    d.update(dict(source="brats", root="", n_cases=0, n_val=50, phantom_shape=(128, 128, 128),
+    d.update(dict(FOLDER_DEFAULTS, source="brats", root="", n_cases=0, n_val=50, phantom_shape=(128, 128, 128),
                   shape=(128, 128, 128), mode="3d", patch_shape=(128, 128, 128), batch_size=2, read_threads=8,
-                  prefetch=8))
+                  prefetch=8, spacing=(1.5, 1.5, 1.5)))  # [ours] the brain's box fits 128^3 at 1.5 mm
     m.update(dict(features=(32, 64, 128, 256, 320), dtype="bfloat16"))
     t.update(dict(steps=30000, lr=1e-3, warmup_steps=500, log_every=100, ckpt_every=1000, eval_every=5000))
     e.update(dict(window=(128, 128, 128), overlap=0.5, sw_batch=2, max_cases=0))

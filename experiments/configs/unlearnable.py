@@ -35,7 +35,7 @@ case and channel scaled by its own max - min (so eps x range in z-units).
 import ml_collections
 
 from experiments.configs import base_config
-from mri_poison.data.datasets import default_data_config
+from mri_poison.data.datasets import FOLDER_DEFAULTS, default_data_config
 from mri_poison.defenses import adversarial
 from mri_poison.poison import unlearnable
 from mri_poison.studies import learnt
@@ -142,8 +142,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.counter.adversarial.eps_scaled = 32 / 255  # 2x the protection budget, as the default
     config.replicates.methods = ("none", "classpattern")
   elif variant == "brats":
-    d.update(dict(source="brats", root="", n_cases=0, n_val=50, phantom_shape=(128, 128, 128),
-                  shape=(128, 128, 128), patch_shape=(128, 128), batch_size=32, read_threads=8, prefetch=8))
+    d.update(dict(FOLDER_DEFAULTS, source="brats", root="", n_cases=0, n_val=50, phantom_shape=(128, 128, 128),
+                  shape=(128, 128, 128), patch_shape=(128, 128), batch_size=32, read_threads=8, prefetch=8,
+                  spacing=(1.5, 1.5, 1.5)))  # [ours] the brain's box fits 128^3 at 1.5 mm
     config.model.update(dict(features=(32, 64, 128, 256), dtype="bfloat16"))
     config.surrogate = ml_collections.ConfigDict(config.model.to_dict())
     t.update(dict(steps=20000, lr=1e-3, warmup_steps=500, log_every=200, ckpt_every=2000))

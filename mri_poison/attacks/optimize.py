@@ -34,6 +34,7 @@ as an attribute of the package; import the module's names explicitly
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
@@ -48,6 +49,11 @@ _TINY = 1e-12
 # Longest loop `scan_unroll` unrolls on CPU: beyond it compile time (about 0.8 s per step of a 3D U-Net attack at
 # 32^3 on 2 cores) outweighs what the unrolled form saves.
 CPU_UNROLL_LIMIT = 32
+# What "auto" means for this process: "auto" (as above), "rolled" (always a loop: compiles fastest, for runs
+# where each attack program runs once or twice, such as the test suite) or "unrolled" (always straight-line).
+# The forms give the same results, so this changes only speed.
+UNROLL_ENV = "MRI_POISON_UNROLL"
+UNROLL_CHOICES = ("auto", "rolled", "unrolled")
 
 
 def scan_unroll(steps: int, unroll: int | bool | str = "auto") -> int | bool:
@@ -56,10 +62,16 @@ def scan_unroll(steps: int, unroll: int | bool | str = "auto") -> int | bool:
   XLA:CPU runs a while-loop body several times slower than the same ops in straight-line code (PGD-10 on a 3D
   U-Net at 32^3, 2 cores, jax 0.10.2: 17.2 s rolled, 3.6 s unrolled, identical results; a partial unroll is as
   slow as the rolled loop, so it is all or nothing): on CPU "auto" unrolls loops of up to CPU_UNROLL_LIMIT
-  steps completely. GPU/TPU keep the rolled loop (fast there, and compiled once whatever `steps`).
+  steps completely. GPU/TPU keep the rolled loop (fast there, and compiled once whatever `steps`). The
+  environment variable MRI_POISON_UNROLL (`UNROLL_ENV`) overrides "auto" for the whole process.
   """
   if unroll != "auto":
     return unroll
+  mode = os.environ.get(UNROLL_ENV, "auto")
+  if mode not in UNROLL_CHOICES:
+    raise ValueError(f"environment variable {UNROLL_ENV}={mode!r}: expected one of {UNROLL_CHOICES}")
+  if mode != "auto":
+    return mode == "unrolled" or 1
   return True if jax.default_backend() == "cpu" and 0 < steps <= CPU_UNROLL_LIMIT else 1
 
 

@@ -6,6 +6,9 @@ the same config always gives the same split, and the phantom source, the `brats_
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import re
 
 import ml_collections
@@ -42,6 +45,21 @@ def default_data_config() -> ml_collections.ConfigDict:
       prefetch=4,  # batches prefetched
       allow_empty_modality=False,  # brats: an all-zero modality is an error (True: a warning)
   ))
+
+
+# Real-data fields read with these defaults when a config does not set them (so that the configs of existing
+# workdirs keep their digest): see `fit_to_grid` and the checks in `load_splits`.
+FOLDER_DEFAULTS = dict(
+    allow_fewer_cases=False,  # brats/tfds: fewer cases than n_cases is an error (True: a warning, use them all)
+    spacing=(),  # brats: after the crop to the brain, resample to this voxel size (mm; () keeps each scan's own)
+    max_cropped_brain=0.02,  # brats: share of the brain's voxels the final pad/crop to `shape` may drop
+    max_cropped_tumour=0.0,  # ... and of the tumour's
+    on_crop_loss="error",  # "error" | "warn" when a crop drops more than that
+)
+
+
+def _folder_setting(data_cfg, key: str):
+  return data_cfg.get(key, FOLDER_DEFAULTS[key])
 
 
 def _phantom_defaults() -> ml_collections.ConfigDict:
@@ -93,7 +111,7 @@ def load_splits(data_cfg) -> dict[str, list[Case]]:
                           shape=shape, modalities=modalities, version=version, options=options)
   elif source == "brats":
     cases = _folder_cases(str(data_cfg.root or ""), n_cases, shape, modalities,
-                          bool(data_cfg.get("allow_empty_modality", False)))
+                          bool(data_cfg.get("allow_empty_modality", False)), data_cfg)
   elif source == "tfds":
     cases = _tfds_cases(data_cfg, n_cases, shape, modalities)
   else:
@@ -101,12 +119,54 @@ def load_splits(data_cfg) -> dict[str, list[Case]]:
   cases = sorted(cases, key=lambda c: case_sort_key(c.case_id))
   if n_cases:
     cases = cases[:n_cases]
+    if len(cases) < n_cases:
+      where = f"{source} source" + (f" at {data_cfg.root}" if source == "brats" else "")
+      message = (f"data.n_cases={n_cases}, but the {where} holds {len(cases)} cases: "
+                 f"{len(cases) - n_val} would train and {n_val} validate instead of {n_cases - n_val} and {n_val}")
+      if not bool(_folder_setting(data_cfg, "allow_fewer_cases")):
+        raise DataError(f"{message}. Set data.n_cases <= {len(cases)} (0 = every case), or "
+                        "data.allow_fewer_cases=True to train on what is there")
+      logging.warning("%s (data.allow_fewer_cases=True: going on)", message)
   if n_val >= len(cases):
     raise DataError(f"data_cfg.n_val: {n_val} validation cases leave no training case out of {len(cases)} "
                     f"(data_cfg.n_cases={n_cases}, source={source!r})")
   val_index = set(split_indices(len(cases), n_val, int(data_cfg.seed)))
   return {"train": [c for i, c in enumerate(cases) if i not in val_index],
           "val": [c for i, c in enumerate(cases) if i in val_index]}
+
+
+def provenance(data_cfg, splits: dict[str, list[Case]]) -> dict:
+  """What `splits` hold, for a run's manifest: the source (and root), the case ids of every split and, for a
+  BraTS/MSD folder, each input file's path, size and SHA-256, so a reader can tell which scans a number came
+  from (and whether a file changed since)."""
+  source = str(data_cfg.source)
+  out = {"source": source, "n_cases": int(data_cfg.n_cases), "n_val": int(data_cfg.n_val),
+         "case_ids": {name: [c.case_id for c in cases] for name, cases in splits.items()}}
+  if source == "phantom":
+    out["seeds"] = "case phantom-i is built from seed data.seed + i"
+  elif source == "tfds":
+    out.update(tfds_name=str(data_cfg.tfds_name), tfds_split=str(data_cfg.tfds_split),
+               data_dir=os.path.abspath(str(data_cfg.data_dir)) if data_cfg.data_dir else "(TFDS default)")
+  elif source == "brats":
+    from mri_poison.data.loaders import case_files, list_cases
+    root = str(data_cfg.root)
+    used = {c.case_id for cases in splits.values() for c in cases}
+    files = {}
+    for ref in list_cases(root):
+      case_id, paths = case_files(ref)
+      if case_id in used:
+        files[case_id] = [{"path": os.path.relpath(p, root), "bytes": os.path.getsize(p), "sha256": _sha256(p)}
+                          for p in paths]
+    out.update(root=os.path.abspath(root), files=files)
+  return out
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def case_sort_key(case_id: str) -> list:
@@ -160,18 +220,57 @@ def select_modalities(case: Case, modalities, where: str) -> Case:
   return case.replace(image=np.ascontiguousarray(case.image[..., index]), modalities=modalities)
 
 
-def _folder_cases(root, n_cases, shape, modalities, allow_empty_modality=False):
+def fit_to_grid(case: Case, shape, data_cfg) -> Case:
+  """`preprocess_case` to the grid `shape` at data.spacing, checking what the final pad/crop drops.
+
+  Raises a DataError naming the case and the config keys that fix it when more than data.max_cropped_brain of
+  the brain's voxels or data.max_cropped_tumour of the tumour's fall outside the grid (data.on_crop_loss="warn":
+  a warning instead).
+  """
+  from mri_poison.data.preprocess import brain_mask, pad_or_crop, preprocess_case
+  spacing = tuple(float(s) for s in (_folder_setting(data_cfg, "spacing") or ()))
+  if spacing and len(spacing) != 3:
+    raise DataError(f"data.spacing: expected () or three voxel sizes in mm, got {spacing}")
+  fitted = preprocess_case(case, spacing=spacing or None)  # brain crop (+ resample), no pad/crop yet
+  final = pad_or_crop(fitted, shape)
+  lost = {}
+  for what, before, after in (("brain", brain_mask(fitted.image), brain_mask(final.image)),
+                              ("tumour", fitted.label > 0, final.label > 0)):
+    if before.sum():
+      lost[what] = 1.0 - after.sum() / before.sum()
+  limits = {k: float(_folder_setting(data_cfg, f"max_cropped_{k}")) for k in ("brain", "tumour")}
+  over = {k: v for k, v in lost.items() if v > limits[k] + 1e-9}
+  if over:
+    extent = np.asarray(fitted.shape) * np.asarray(fitted.spacing)  # mm the brain spans
+    fits = float(np.max(extent / np.asarray(shape)))
+    message = (f"case {case.case_id}: its brain ({'x'.join(map(str, fitted.shape))} voxels of "
+               f"{'x'.join(f'{s:g}' for s in fitted.spacing)} mm) does not fit data.shape={tuple(shape)}: the crop "
+               f"drops " + " and ".join(f"{v:.1%} of the {k} voxels (data.max_cropped_{k}={limits[k]:g})"
+                                        for k, v in over.items())
+               + f". Resample with data.spacing=({fits:.2f}, {fits:.2f}, {fits:.2f}) or coarser, or enlarge data.shape")
+    if str(_folder_setting(data_cfg, "on_crop_loss")) != "warn":
+      raise DataError(message + ", or set data.on_crop_loss='warn'")
+    logging.warning("%s (data.on_crop_loss='warn': going on)", message)
+  return final
+
+
+def _folder_cases(root, n_cases, shape, modalities, allow_empty_modality=False, data_cfg=None):
   if not root:
     raise DataError("data_cfg.root: source='brats' needs the dataset root folder")
   from mri_poison.data.loaders import list_cases, load_case
-  from mri_poison.data.preprocess import preprocess_case
   refs = sorted(list_cases(root))
   if not refs:
     raise DataError(f"data_cfg.root: no cases found under {root}")
   # BraTS case ids are the folder names, so the first n_cases refs are the first n_cases by id.
-  cases = [preprocess_case(load_case(ref, modalities, allow_empty_modality=allow_empty_modality),
-                                  shape=shape) for ref in refs[:n_cases or None]]
-  return [select_modalities(c, modalities, f"data_cfg.root={root}") for c in cases]
+  cases = []
+  for ref in refs[:n_cases or None]:
+    case = load_case(ref, modalities, allow_empty_modality=allow_empty_modality)
+    if case.label is None:
+      raise DataError(f"{ref}: no segmentation file (e.g. {case.case_id}_seg.nii.gz); training and evaluation need "
+                      f"a label for every case under data.root={root} (move unlabelled cases elsewhere)")
+    cases.append(select_modalities(fit_to_grid(case, shape, data_cfg if data_cfg is not None else
+                                               default_data_config()), modalities, f"data_cfg.root={root}"))
+  return cases
 
 
 def tfds_source(data_cfg):

@@ -161,6 +161,16 @@ def list_cases(root: str | os.PathLike) -> list[str]:
   return sorted(refs)
 
 
+def case_files(ref: str | os.PathLike) -> tuple[str, list[str]]:
+  """(case id, the input files it is read from) of a `list_cases` reference, as `load_case` names and reads it."""
+  ref = os.fspath(ref)
+  if os.path.isdir(ref):
+    files = sorted(os.path.join(ref, f) for f in os.listdir(ref) if f.endswith(NIFTI_EXTS) and not f.startswith("."))
+    return os.path.basename(os.path.normpath(ref)), files
+  label = msd_label_path(ref)
+  return _strip_ext(os.path.basename(ref)), [ref] + ([label] if label else [])
+
+
 def load_case(ref: str | os.PathLike, modalities: Sequence[str] = MODALITIES, *,
               allow_empty_modality: bool = False) -> Case:
   """Loads a `list_cases` reference: a BraTS case folder, or an MSD image file (with its labelsTr label if any)."""

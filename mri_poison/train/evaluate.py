@@ -125,14 +125,18 @@ def _map_slices(apply_fn, params, slices, *, batch):
 
 
 def predict_case(apply_fn: ApplyFn, params, case, config) -> jax.Array:
-  """Logits (X, Y, Z, K) for `case.image`: whole slices if config.data.mode == "2d", else sliding windows."""
-  ev = config.eval
+  """Logits (X, Y, Z, K) for `case.image`: whole slices if config.data.mode == "2d", else sliding windows.
+
+  Settings from config.eval where the config has one (a study's model configs do not: then the window is
+  data.patch_shape, overlap 0.5).
+  """
+  ev = config.get("eval") or {}
   if str(config.data.mode) == "2d":
     return predict_slices(apply_fn, params, case.image, batch=int(ev.get("slice_batch", 8)),
                           multiple=int(ev.get("pad_multiple", 16)))
   window = tuple(ev.window) if ev.get("window") else tuple(config.data.patch_shape)
-  return sliding_window_predict(apply_fn, params, case.image, window=window, overlap=float(ev.overlap),
-                                batch=int(ev.sw_batch))
+  return sliding_window_predict(apply_fn, params, case.image, window=window, overlap=float(ev.get("overlap", 0.5)),
+                                batch=int(ev.get("sw_batch", 1)))
 
 
 def evaluate_cases(apply_fn: ApplyFn, params, cases, config) -> list[dict]:

@@ -172,7 +172,7 @@ def load_model(path: str, name: str | None = None):
   if os.path.isdir(models) and not os.path.isdir(os.path.join(path, "checkpoints")):
     names = sorted(n for n in os.listdir(models) if os.path.isdir(os.path.join(models, n, "checkpoints")))
     if name is None and len(names) != 1:
-      raise ValueError(f"{path} holds several models {names}: pass name=")
+      raise ValueError(f"{path} holds several models {names}: pass name= (experiments.segment: --model)")
     path = os.path.join(models, name or names[0])
   elif name is not None:
     path = os.path.join(path, "models", name)

@@ -63,6 +63,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
       sp = splits[arm] if splits is not None else load_splits(sub.data)
       if not sp["val"]:
         raise ValueError(f"config arm{arm}.n_val / data.n_val: the study needs held-out cases")
+      common.record_data(workdir, sub.data, sp, name=f"arm{arm}")
       data = training.eval_data(sp["val"], arm)
       arm_data[arm], case_ids[arm] = data, list(data["case_id"])
       victims = training.train_victims(config, workdir, arm, sp["train"])

@@ -52,6 +52,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   _check_config(config)
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
     train, val = common.train_and_held_out(config.data, splits)
+    common.record_data(workdir, config.data, {"train": train, "val": val})
     results = os.path.join(workdir, "results")
     source, target = translation.channels(config.gan, config.data.modalities)
 

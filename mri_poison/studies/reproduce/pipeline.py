@@ -13,6 +13,7 @@ from typing import Callable
 from absl import logging
 
 from mri_poison import io_utils
+from mri_poison.data.case import DataError
 from mri_poison.studies import common
 from mri_poison.train import workdir as workdir_lib
 
@@ -48,6 +49,12 @@ def _check_config(config) -> None:
   missing = [s for s in stages if s not in config]
   if missing:
     raise ValueError(f"config has no sub-config for stage(s) {missing} (config.<stage> = that study's config)")
+  # A data folder every stage needs and none has: one error before any stage starts, not one per stage.
+  rootless = [s for s in stages if str(config[s].data.get("source", "")) == "brats" and not config[s].data.get("root")]
+  if rootless:
+    key = "data_root" if "data_root" in config else f"{rootless[0]}.data.root"
+    raise DataError(f"config {key}: stage(s) {', '.join(rootless)} read a BraTS folder and none was given "
+                    f"(--config.{key}=/path/to/BraTS2021)")
 
 
 def _record_path(workdir: str, name: str) -> str:
@@ -62,9 +69,26 @@ def _read_record(path: str) -> dict | None:
     return None
 
 
+def _outputs(stage_dir: str) -> dict[str, int]:
+  """{path relative to the stage folder: size in bytes} of every file a finished stage left."""
+  out = {}
+  for top, _, files in os.walk(stage_dir):
+    for f in files:
+      full = os.path.join(top, f)
+      out[os.path.relpath(full, stage_dir)] = os.path.getsize(full)
+  return out
+
+
+def _missing_outputs(record: dict, stage_dir: str) -> list[str]:
+  """Files the finished stage wrote that are gone or changed size since (a deleted model, results file)."""
+  now = _outputs(stage_dir) if os.path.isdir(stage_dir) else {}
+  expected = record.get("outputs") or {"report.md": None}  # records written before outputs were kept
+  return sorted(p for p, size in expected.items() if p not in now or (size is not None and now[p] != size))
+
+
 def _reusable(record: dict | None, digest: str, stage_dir: str) -> bool:
   return (record is not None and record.get("status") == "finished" and record.get("config_digest") == digest
-          and os.path.exists(os.path.join(stage_dir, "report.md")))
+          and not _missing_outputs(record, stage_dir))
 
 
 def _error_text(e: BaseException) -> str:
@@ -82,6 +106,10 @@ def _run_stage(name: str, sub_config, workdir: str, *, force: bool, index: int, 
     logging.info("%s: reused (finished %s, config unchanged)", tag, record["ended"])
     print(f"{tag}: reused (finished earlier in {record['seconds']:.0f} s)", flush=True)
     return dict(record, reused=True)
+  if record is not None and record.get("status") == "finished" and record.get("config_digest") == digest:
+    gone = _missing_outputs(record, stage_dir)
+    print(f"{tag}: {len(gone)} of its files are gone or changed since it finished ({', '.join(gone[:3])}"
+          f"{', ...' if len(gone) > 3 else ''}): running it again (it reuses what is still there)", flush=True)
   if force and os.path.isdir(stage_dir):
     shutil.rmtree(stage_dir)
   print(f"{tag}: start", flush=True)
@@ -90,7 +118,7 @@ def _run_stage(name: str, sub_config, workdir: str, *, force: bool, index: int, 
   io_utils.write_json(path, dict(record, status="running"))
   try:
     headline = (runner or stage_runner(name))(sub_config, stage_dir)
-    record.update(status="finished", headline=headline)
+    record.update(status="finished", headline=headline, outputs=_outputs(stage_dir))
   except KeyboardInterrupt:
     io_utils.write_json(path, dict(record, status="interrupted", ended=_now(), seconds=time.time() - t0))
     raise
@@ -124,7 +152,13 @@ def run(config, workdir: str, *, runners: dict[str, Callable] | None = None) -> 
     for i, name in enumerate(stages, 1):
       records[name] = _run_stage(name, config[name], wd, force=bool(config.force), index=i, total=len(stages),
                                  runner=(runners or {}).get(name))
-    report.write_report(config, wd, records, wall_seconds=time.time() - t0)
+    # Stages not asked for this time keep their place in the combined report when they finished earlier here.
+    shown = dict(records)
+    for name in STAGES:
+      earlier = None if name in records else _read_record(_record_path(wd, name))
+      if earlier and earlier.get("status") == "finished" and not _missing_outputs(earlier, os.path.join(wd, name)):
+        shown[name] = dict(earlier, reused=True, earlier=True)
+    report.write_report(config, wd, shown, wall_seconds=time.time() - t0)
   failed = [n for n, r in records.items() if r["status"] != "finished"]
   if failed:
     raise StageFailed(f"stage(s) {', '.join(failed)} failed: " + "; ".join(records[n]["error"] for n in failed)

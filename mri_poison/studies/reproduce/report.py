@@ -8,7 +8,6 @@ import re
 import numpy as np
 
 from mri_poison.report import markdown
-from mri_poison.studies.reproduce.pipeline import stage_names
 
 # Report order (by study number) and the one-line question each study answers.
 STUDY_TITLES = {
@@ -54,11 +53,11 @@ def _minutes(seconds) -> str:
   return f"{float(seconds) / 60:.1f} min" if seconds is not None else "-"
 
 
-def _data_section(rep: markdown.Report, config) -> None:
+def _data_section(rep: markdown.Report, config, order) -> None:
   rep.heading("Data", 2)
   rows = []
   for name in STUDY_TITLES:
-    if name in stage_names(config):
+    if name in order:
       d = config[name].data
       source = str(d.source) if "source" in d else "phantom"
       arms = [config[name][f"arm{a}"].data for a in config[name].arms] if "arms" in config[name] else [d]
@@ -90,8 +89,7 @@ def _data_section(rep: markdown.Report, config) -> None:
 
 def write_report(config, workdir: str, records: dict, *, wall_seconds: float) -> str:
   """Writes <workdir>/report.md from the stage records and the studies' own reports."""
-  stages = stage_names(config)
-  order = [s for s in STUDY_TITLES if s in stages]
+  order = [s for s in STUDY_TITLES if s in records]  # records: the stages run now and those finished earlier
   rep = markdown.Report(f"mri_poison main job: the four studies ({config.variant})")
   rep.paragraph(
       f"Written {records and max(r.get('ended', '') for r in records.values())} by "
@@ -103,7 +101,8 @@ def write_report(config, workdir: str, records: dict, *, wall_seconds: float) ->
   rows = []
   for name in order:
     r = records[name]
-    status = "reused" if r.get("reused") else r["status"]
+    status = ("earlier run (not in config.stages)" if r.get("earlier") else "reused" if r.get("reused")
+              else r["status"])
     rows.append({"study": STUDY_TITLES[name][0], "question": STUDY_TITLES[name][1], "stage": f"`{name}`",
                  "status": status, "time": _minutes(r.get("seconds")),
                  "report": f"[{name}/report.md]({name}/report.md)" if r["status"] == "finished" else "-"})
@@ -123,7 +122,7 @@ def write_report(config, workdir: str, records: dict, *, wall_seconds: float) ->
   if findings:
     rep.heading("Key findings (each study's first findings; details and caveats in its section)", 3)
     rep.bullets(findings)
-  _data_section(rep, config)
+  _data_section(rep, config, order)
   for name in order:
     number, question = STUDY_TITLES[name]
     report_path = os.path.join(workdir, name, "report.md")

@@ -107,6 +107,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   if isinstance(cells, tuple):
     return _run_share(config, workdir, data, cells, t_start)
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
+    common.record_data(workdir, config.data, {"train": train, "val": val})
     params = train_models(config, workdir, train)
     if cells == "none":
       logging.info("robustify: models trained; eval.cells=none, so nothing is evaluated")

@@ -282,6 +282,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   _check_config(config)
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
     train_cases, test_cases = common.train_and_held_out(config.data, splits, "clean test cases")
+    common.record_data(workdir, config.data, {"train": train_cases, "val": test_cases})
     headline = _run(config, workdir, train_cases, test_cases, t_start)
     if config.phase_map.get("enabled", False):
       from mri_poison.studies.unlearnable import phase_map  # pylint: disable=g-import-not-at-top
