@@ -61,8 +61,8 @@ def test_resampled_model_and_2023_names(trained, tmp_path):
   assert labels.shape == case.shape and np.allclose(affine, case.affine)
   out = segment.write_segmentation(apply_fn, params, config, case_dir, str(tmp_path / "p.nii.gz"))
   assert out["convention"] == "2023" and set(out["voxels"]) <= {1, 2, 3}
-  np.testing.assert_array_equal(segment.to_convention(np.array([0, 1, 2, 3]), "2021"), [0, 1, 2, 4])
-  np.testing.assert_array_equal(segment.to_convention(np.array([0, 1, 2, 3]), "msd"), [0, 2, 1, 3])
+  np.testing.assert_array_equal(loaders.to_convention(np.array([0, 1, 2, 3]), "2021"), [0, 1, 2, 4])
+  np.testing.assert_array_equal(loaders.to_convention(np.array([0, 1, 2, 3]), "msd"), [0, 2, 1, 3])
   with pytest.raises(ValueError, match="expected a .nii.gz"):
     segment.write_segmentation(apply_fn, params, config, case_dir, str(tmp_path / "p.png"))
 

@@ -109,3 +109,20 @@ def test_grid_slice_is_never_blank():
   assert translator._figure_slice(case.replace(label=label)) == 2  # no ET: the most tumour
   label[3, 3, 4] = 3
   assert translator._figure_slice(case.replace(label=label)) == 4  # the most ET
+
+
+@pytest.mark.parametrize("study", ["poison", "deform", "unlearnable"])
+def test_an_unlabelled_training_case_fails_before_the_workdir_is_written(study, tmp_path):
+  import importlib
+  from mri_poison.data import phantom
+  from mri_poison.data.case import DataError
+  config = importlib.import_module(f"experiments.configs.{study}").get_config("runlocal")
+  phantom.write_brats_dir(str(tmp_path / "brats"), 3, naming="2021", shape=(24, 24, 24), seed=0,
+                          modalities=tuple(config.data.modalities))
+  os.remove(tmp_path / "brats" / "BraTS2021_00002" / "BraTS2021_00002_seg.nii.gz")
+  for data in [config.data] + [config[f"arm{a}"].data for a in config.get("arms", ())]:
+    data.update(dict(source="brats", root=str(tmp_path / "brats"), n_cases=0, n_val=1))
+  workdir = tmp_path / "wd"
+  with pytest.raises(DataError, match="BraTS2021_00002: no segmentation file"):
+    importlib.import_module(f"mri_poison.studies.{study}").run(config, str(workdir))
+  assert not workdir.exists() or not os.listdir(workdir)

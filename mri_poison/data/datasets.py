@@ -110,8 +110,7 @@ def load_splits(data_cfg) -> dict[str, list[Case]]:
     cases = phantom_cases(n_cases, seed=int(data_cfg.seed), phantom_shape=data_cfg.phantom_shape,
                           shape=shape, modalities=modalities, version=version, options=options)
   elif source == "brats":
-    cases = _folder_cases(str(data_cfg.root or ""), n_cases, shape, modalities,
-                          bool(data_cfg.get("allow_empty_modality", False)), data_cfg)
+    cases = _folder_cases(str(data_cfg.root or ""), n_cases, shape, modalities, data_cfg)
   elif source == "tfds":
     cases = _tfds_cases(data_cfg, n_cases, shape, modalities)
   else:
@@ -254,7 +253,7 @@ def fit_to_grid(case: Case, shape, data_cfg) -> Case:
   return final
 
 
-def _folder_cases(root, n_cases, shape, modalities, allow_empty_modality=False, data_cfg=None):
+def _folder_cases(root, n_cases, shape, modalities, data_cfg):
   if not root:
     raise DataError("data_cfg.root: source='brats' needs the dataset root folder")
   from mri_poison.data.loaders import list_cases, load_case
@@ -264,12 +263,11 @@ def _folder_cases(root, n_cases, shape, modalities, allow_empty_modality=False, 
   # BraTS case ids are the folder names, so the first n_cases refs are the first n_cases by id.
   cases = []
   for ref in refs[:n_cases or None]:
-    case = load_case(ref, modalities, allow_empty_modality=allow_empty_modality)
+    case = load_case(ref, modalities, allow_empty_modality=bool(data_cfg.get("allow_empty_modality", False)))
     if case.label is None:
       raise DataError(f"{ref}: no segmentation file (e.g. {case.case_id}_seg.nii.gz); training and evaluation need "
                       f"a label for every case under data.root={root} (move unlabelled cases elsewhere)")
-    cases.append(select_modalities(fit_to_grid(case, shape, data_cfg if data_cfg is not None else
-                                               default_data_config()), modalities, f"data_cfg.root={root}"))
+    cases.append(select_modalities(fit_to_grid(case, shape, data_cfg), modalities, f"data_cfg.root={root}"))
   return cases
 
 

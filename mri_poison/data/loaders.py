@@ -184,6 +184,25 @@ def load_case(ref: str | os.PathLike, modalities: Sequence[str] = MODALITIES, *,
                   f"but it {'is not a NIfTI file' if os.path.exists(ref) else 'does not exist'}")
 
 
+def label_convention(ref: str) -> str:
+  """"2021", "2023" or "msd": how the labels of the case at `ref` (a BraTS folder or MSD image) are numbered."""
+  if os.path.isdir(ref):
+    naming = _detect_naming(ref)
+    if naming is None:
+      raise DataError(f"{ref}: no BraTS files found (expected <id>_t1.nii.gz ... or <id>-t1n.nii.gz ...)")
+    return naming
+  return "msd"
+
+
+def to_convention(labels: np.ndarray, convention: str) -> np.ndarray:
+  """Contract labels {0, 1, 2, 3} -> the values of `convention` (the inverse of `remap_labels`)."""
+  table = _LABEL_MAPS[convention]  # source -> contract
+  out = np.zeros(labels.shape, np.uint8)
+  for source, contract in table.items():
+    out[labels == contract] = source
+  return out
+
+
 def remap_labels(seg: np.ndarray, convention: str, path: str = "<label>") -> np.ndarray:
   """Source label map (convention "2021", "2023" or "msd") -> int32 contract labels {0,1,2,3}."""
   mapping = _LABEL_MAPS[convention]

@@ -21,25 +21,6 @@ from mri_poison.data.case import DataError
 from mri_poison.train import evaluate
 
 
-def label_convention(ref: str) -> str:
-  """"2021", "2023" or "msd": how the labels of the case at `ref` (a BraTS folder or MSD image) are numbered."""
-  if os.path.isdir(ref):
-    naming = loaders._detect_naming(ref)  # pylint: disable=protected-access
-    if naming is None:
-      raise DataError(f"{ref}: no BraTS files found (expected <id>_t1.nii.gz ... or <id>-t1n.nii.gz ...)")
-    return naming
-  return "msd"
-
-
-def to_convention(labels: np.ndarray, convention: str) -> np.ndarray:
-  """Contract labels {0, 1, 2, 3} -> the values of `convention` (the inverse of `loaders.remap_labels`)."""
-  table = loaders._LABEL_MAPS[convention]  # pylint: disable=protected-access  (source -> contract)
-  out = np.zeros(labels.shape, np.uint8)
-  for source, contract in table.items():
-    out[labels == contract] = source
-  return out
-
-
 def segment_case(apply_fn, params, config, ref: str) -> tuple[np.ndarray, np.ndarray]:
   """(contract labels on the scan's own grid, the scan's affine) for the case at `ref` (see module doc).
 
@@ -75,8 +56,8 @@ def write_segmentation(apply_fn, params, config, ref: str, output: str) -> dict:
   if not str(output).endswith((".nii", ".nii.gz")):
     raise ValueError(f"output {output}: expected a .nii.gz (or .nii) file name")
   labels, affine = segment_case(apply_fn, params, config, os.fspath(ref))
-  convention = label_convention(os.fspath(ref))
-  values = to_convention(labels, convention)
+  convention = loaders.label_convention(os.fspath(ref))
+  values = loaders.to_convention(labels, convention)
   image = nib.Nifti1Image(values, affine)
   image.header.set_data_dtype(np.uint8)
   with io_utils.atomic_path(output) as tmp:  # keeps the extension, which tells nibabel to compress

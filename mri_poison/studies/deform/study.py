@@ -52,15 +52,18 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   """
   t_start = time.perf_counter()
   _check_config(config)
+  common.check_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS)
+  if splits is None:  # bad data fails before the workdir is written
+    from mri_poison.data.datasets import load_splits  # pylint: disable=import-outside-toplevel
+    splits = {arm: load_splits(training.arm_config(config, arm).data) for arm in config.arms}
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
-    from mri_poison.data.datasets import load_splits
     table = common.CellTable(os.path.join(workdir, "results", "cells.csv"))
     cells_by_victim, case_ids, arm_data, models, gates = {}, {}, {}, {}, {}
     timings = {}
     for ai, arm in enumerate(config.arms):
       t0 = time.perf_counter()
       sub = training.arm_config(config, arm)
-      sp = splits[arm] if splits is not None else load_splits(sub.data)
+      sp = splits[arm]
       if not sp["val"]:
         raise ValueError(f"config arm{arm}.n_val / data.n_val: the study needs held-out cases")
       common.record_data(workdir, sub.data, sp, name=f"arm{arm}")

@@ -50,8 +50,9 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   """
   t_start = time.perf_counter()
   _check_config(config)
+  common.check_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS)
+  train, val = common.train_and_held_out(config.data, splits)  # bad data fails before the workdir is written
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
-    train, val = common.train_and_held_out(config.data, splits)
     common.record_data(workdir, config.data, {"train": train, "val": val})
     results = os.path.join(workdir, "results")
     source, target = translation.channels(config.gan, config.data.modalities)

@@ -280,8 +280,10 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   """
   t_start = time.perf_counter()
   _check_config(config)
+  common.check_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS)
+  # Bad data fails before the workdir is written.
+  train_cases, test_cases = common.train_and_held_out(config.data, splits, "clean test cases")
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
-    train_cases, test_cases = common.train_and_held_out(config.data, splits, "clean test cases")
     common.record_data(workdir, config.data, {"train": train_cases, "val": test_cases})
     headline = _run(config, workdir, train_cases, test_cases, t_start)
     if config.phase_map.get("enabled", False):
