@@ -78,7 +78,8 @@ def describe_source(data_cfg) -> str:
   """The data a config reads, in words, for reports (names the phantom version and its non-default knobs)."""
   source = str(data_cfg.source)
   if source != "phantom":
-    return f"`{source}` data" + (f" from `{data_cfg.root}`" if data_cfg.get("root") else "")
+    return (f"`{source}` data" + (f" from `{data_cfg.root}`" if data_cfg.get("root") else "")
+            + " (the case ids of every split and each input file's SHA-256: `data.json`)")
   version, options = phantom_options(data_cfg)
   if version == "v1":
     return "the embedded phantom v1 (procedural head, constant tissue intensities)"
