@@ -78,6 +78,8 @@ def _fake_study(calls, fail=False):
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     with open(os.path.join(workdir, "results", "cells.csv"), "w") as f:
       f.write("victim,value\nm,1.5\n")
+    with open(os.path.join(workdir, "manifest.json"), "w") as f:
+      f.write("{}")
     return {"value": 1.5}
   return study
 
@@ -123,6 +125,8 @@ def test_a_finished_stage_whose_files_are_gone_runs_again(tmp_path, capsys):
   reproduce.run(_fake_config(), str(tmp_path), runners=runners)
   os.remove(tmp_path / "poison" / "results" / "cells.csv")
   (tmp_path / "deform" / "results" / "extra.csv").write_text("a new file does not matter")
+  with open(tmp_path / "deform" / "manifest.json", "a") as f:  # nor a log that grew (the study run again alone)
+    f.write("\n")
   calls.clear()
   records = reproduce.run(_fake_config(), str(tmp_path), runners=runners)
   assert [os.path.basename(c) for c in calls] == ["poison"]

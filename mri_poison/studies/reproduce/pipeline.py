@@ -69,13 +69,19 @@ def _read_record(path: str) -> dict | None:
     return None
 
 
-def _outputs(stage_dir: str) -> dict[str, int]:
-  """{path relative to the stage folder: size in bytes} of every file a finished stage left."""
+def _is_log(name: str) -> bool:
+  # Grows whenever the study is run again on its folder (a new manifest entry, more metrics): only its
+  # presence is checked.
+  return name == "manifest.json" or name.endswith(".jsonl") or name.startswith("events.out.tfevents")
+
+
+def _outputs(stage_dir: str) -> dict[str, int | None]:
+  """{path relative to the stage folder: size in bytes (None for a log)} of every file a finished stage left."""
   out = {}
   for top, _, files in os.walk(stage_dir):
     for f in files:
       full = os.path.join(top, f)
-      out[os.path.relpath(full, stage_dir)] = os.path.getsize(full)
+      out[os.path.relpath(full, stage_dir)] = None if _is_log(f) else os.path.getsize(full)
   return out
 
 
