@@ -9,8 +9,8 @@ The folder loads with `mri_poison.data.loaders.load_brats_case` exactly like a r
 """
 from absl import app
 from absl import flags
-from experiments import launch_utils
 
+from experiments import launch_utils
 from mri_poison.data import phantom
 
 _OUT = flags.DEFINE_string("out", None, "Dataset root to write (created if missing).", required=True)
