@@ -12,7 +12,7 @@ import pytest
 from mri_poison.attacks import gradient
 from mri_poison.attacks import loop
 from mri_poison.attacks import losses
-from mri_poison.attacks.optimize import CPU_UNROLL_LIMIT, UNROLL_ENV, optimize, scan_unroll, sign_step
+from mri_poison.attacks.optimize import CPU_UNROLL_LIMIT, UNROLL_ENV, optimize, scan, scan_unroll, sign_step
 from mri_poison.models.unet import UNet
 from test_attacks_gradient import make_problem, tiny_apply  # pylint: disable=g-bad-import-order
 
@@ -196,3 +196,22 @@ def test_cpu_unrolled_loop_gives_the_rolled_loops_adversarial_examples_and_stops
   np.testing.assert_array_equal(hist_u["done"], hist_r["done"])
   assert bool(hist_r["done"][-1, 0]) and not bool(hist_r["done"][:, 1].any())
   assert float(jnp.abs(rolled - x).max()) == pytest.approx(0.05, abs=1e-6)
+
+
+@pytest.mark.parametrize("length", [0, 1, 3])
+@pytest.mark.parametrize("unroll", [1, 2, True])
+def test_scan_equals_lax_scan_whatever_the_unroll(length, unroll):
+  """`optimize.scan` emits a complete unroll as straight-line code (a length-1 loop body is slow on XLA:CPU);
+  carry and stacked outputs equal lax.scan's."""
+  def body(carry, x):
+    total, count = carry
+    return (total + jnp.sin(x) * count, count + 1), {"seen": x * count, "pair": (x, -x)}
+
+  xs = jnp.arange(length * 2, dtype=jnp.float32).reshape(length, 2)
+  init = (jnp.zeros(2), jnp.ones((), jnp.float32))
+  expected = jax.lax.scan(body, init, xs)
+  got = jax.jit(lambda xs: scan(body, init, xs, unroll=unroll))(xs)
+  chex.assert_trees_all_close(got, expected, atol=1e-6)
+  chex.assert_trees_all_equal_shapes(got, expected)
+  complete = length and (unroll is True or unroll >= length)
+  assert ("scan" in str(jax.make_jaxpr(lambda xs: scan(body, init, xs, unroll=unroll))(xs))) != complete

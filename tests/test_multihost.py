@@ -174,6 +174,7 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
 def _eval_config():
   from experiments.configs.robustify import get_config
   config = get_config("runlocal")
+  config.data.update(dict(phantom_shape=(24, 24, 24), shape=(16, 16, 16), patch_shape=(16, 16, 16)))  # the tests' 16^3
   config.model.features = (4, 8)
   config.attack.update(dict(attacks=("fgsm", "pgd"), eps=(0.5,), steps=2, batch=1))
   return config

@@ -23,6 +23,7 @@ def paths(tmp_path_factory):
   root = tmp_path_factory.mktemp("readme")
   phantom.write_brats_dir(root / "brats", 1, shape=(32, 32, 32))
   config = robustify_config.get_config("runlocal")
+  config.data.update(dict(phantom_shape=(24, 24, 24), shape=(16, 16, 16), patch_shape=(16, 16, 16)))  # the tests' 16^3
   config.train.update(dict(steps=2, ckpt_every=2, log_every=1))
   loop.train_model(training._sub_config(config), str(root / "study" / "models" / "undefended"))  # pylint: disable=protected-access
   return {"/data/BraTS2021": str(root / "brats"), "/tmp/tfds": str(root / "tfds"), "runs/reproduce/robustify": str(root / "study")}

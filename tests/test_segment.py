@@ -20,6 +20,7 @@ def trained(tmp_path_factory):
   """A study-like workdir with one tiny 3D model (models/undefended), and two scans (BraTS 2021 and 2023 names)."""
   root = tmp_path_factory.mktemp("segment")
   config = robustify_config.get_config("runlocal")
+  config.data.update(dict(phantom_shape=(24, 24, 24), shape=(16, 16, 16), patch_shape=(16, 16, 16)))  # the tests' 16^3
   config.model.features = (4, 8)
   config.train.update(dict(steps=2, ckpt_every=2, log_every=1))
   loop.train_model(training._sub_config(config), str(root / "study" / "models" / "undefended"))  # pylint: disable=protected-access

@@ -27,11 +27,12 @@ def _splits(config):
 
 def _tiny_config():
   config = robustify_config.get_config("runlocal")
-  config.data.update(dict(n_cases=7, n_val=3))
+  config.data.update(dict(n_cases=7, n_val=3, phantom_shape=(24, 24, 24), shape=(16, 16, 16), patch_shape=(16, 16, 16)))
   # Two levels, 40 steps: clean mean Dice 0.38-0.42 on the 3 validation cases, the study in 98 s on 2 idle cores
   # (runlocal's three levels: 0.31-0.43 in 136 s, mostly compiling; 16 steps gave 0.19-0.25, near the 0.2 bar).
   config.model.features = (8, 16)
   config.train.update(dict(steps=40, ckpt_every=40, log_every=20))
+  config.distill.steps = config.adversarial.train_steps = 0  # half of train.steps
   config.attack.update(dict(eps=(0.1, 0.5), steps=2, batch=3))
   config.eval.update(dict(reference_eps=0.5, example_eps=0.5))
   return config
@@ -387,6 +388,16 @@ def test_adaptive_rows_pick_the_worst_attack_per_case():
           for a, vals in (("fgsm", (0.5, 0.2)), ("pgd", (0.3, 0.4)), ("margin", (0.3, 0.9))) for c, v in zip("xy", vals)]
   out = evaluation.adaptive_rows(rows, ("fgsm", "pgd", "margin"), [0.1])
   assert [(r["case"], r["worst_attack"], r["dice_mean"]) for r in out] == [("x", "pgd", 0.3), ("y", "fgsm", 0.2)]
+
+
+def test_a_defence_is_called_more_robust_only_when_test_and_ci_agree():
+  from mri_poison.studies.robustify.report import defence_verdict
+  row = lambda p, lo, hi: dict(p_holm=p, ci_low=lo, ci_high=hi, mean_diff=(lo + hi) / 2)
+  assert defence_verdict(row(0.01, 0.05, 0.30)) == "significantly MORE robust than"
+  assert defence_verdict(row(0.01, -0.30, -0.05)) == "significantly LESS robust than"
+  # A signed-rank rejection whose mean-difference CI covers 0 (seen at n = 20: +0.026 [-0.010, +0.060], p 0.04).
+  assert defence_verdict(row(0.04, -0.010, 0.060)).startswith("not clearly different from")
+  assert defence_verdict(row(0.30, 0.01, 0.20)) == "not significantly different from"
 
 
 def test_halving_budget_on_known_curves():

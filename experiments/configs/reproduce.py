@@ -52,9 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _main_job_sizes(config) -> None:
   """Each study's `runlocal` settings (training sets included) with n = 20 held-out cases [ours]."""
-  # The same 10 training cases as runlocal (16^3, 60 steps). At this grid (12.5 mm voxels) a phantom v2 tumour
-  # core is 1-3 voxels wide: the U-Net finds the whole tumour but hardly any core (RESULTS.md, phantom
-  # calibration); 24^3 with 200 steps finds some core but takes the stage from ~3 to ~50 min on 2 cores.
+  # The same 10 training cases as runlocal (32^3 volumes, 300 + 100 steps, 3 eps): WT and TC learnt. ET needs
+  # the longer `phantom` variant of study 2 (RESULTS.md, 2026-12-07 study 2 at 32^3).
   config.robustify.data.update(dict(n_cases=30, n_val=20))
   # 12 training cases; 32 validation cases so that >= 20 contain ET (23 here), the cases study 1's tests use.
   config.poison.data.update(dict(n_cases=44, n_val=32))
@@ -75,6 +74,7 @@ def _toy_sizes(config) -> None:
   r.data.update(dict(n_cases=6, n_val=2, phantom_shape=(16, 16, 16), shape=(16, 16, 16), patch_shape=(16, 16, 16)))
   r.model.features = (4, 8)
   r.train.update(dict(steps=6, warmup_steps=1, log_every=3, ckpt_every=6))
+  r.distill.steps = r.adversarial.train_steps = 0  # half of train.steps
   r.attack.update(dict(attacks=("fgsm",), eps=(0.2,), steps=2))
   r.eval.update(dict(reference_eps=0.2, example_eps=0.2, example_attack="fgsm", n_volumes=1))
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mri_poison.attacks import loop
-from mri_poison.attacks.optimize import scan_unroll
+from mri_poison.attacks.optimize import scan, scan_unroll
 
 Array = jax.Array
 
@@ -91,7 +91,7 @@ def _pgd(loss_fn, x, eps, step_size, key, lower, upper, mask, steps, restarts, n
     return (best_x, jnp.where(better, score, best_score)), hist
 
   init = (x, jnp.full(x.shape[:1], -jnp.inf, jnp.float32))
-  (x_adv, _), hists = jax.lax.scan(body, init, keys, unroll=scan_unroll(restarts * steps))
+  (x_adv, _), hists = scan(body, init, keys, unroll=scan_unroll(restarts * steps))
   return (x_adv, hists) if history else x_adv
 
 

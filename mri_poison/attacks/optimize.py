@@ -75,6 +75,23 @@ def scan_unroll(steps: int, unroll: int | bool | str = "auto") -> int | bool:
   return True if jax.default_backend() == "cpu" and 0 < steps <= CPU_UNROLL_LIMIT else 1
 
 
+def scan(body: Callable, init, xs, *, unroll: int | bool = 1):
+  """`lax.scan(body, init, xs, unroll=unroll)`; a complete unroll is emitted as straight-line code.
+
+  Why: a lax.scan of length 1 (FGSM, a 1-step attack) ran as slowly on XLA:CPU as a rolled loop, even with
+  unroll=True: FGSM on 10 volumes at 32^3 took 2.1 s against 0.6 s for its gradient alone, and 0.65 s as
+  straight-line code (2 cores, jax 0.10.2).
+  """
+  length = len(jax.tree.leaves(xs)[0])
+  if length == 0 or not (unroll is True or (not isinstance(unroll, bool) and int(unroll) >= length)):
+    return jax.lax.scan(body, init, xs, unroll=unroll)
+  carry, outs = init, []
+  for i in range(length):
+    carry, out = body(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+    outs.append(out)
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
 # ------------------------------------------------------------------------------------------- helpers
 
 
@@ -243,9 +260,8 @@ def optimize(objective: Callable, v0: PyTree, *, update: optax.GradientTransform
     return (v_next, opt_state, finished), out
 
   finished0 = jnp.zeros((batch,), bool) if done is not None else jnp.zeros((), bool)
-  (v, _, finished), history = jax.lax.scan(body, (v0, update.init(v0), finished0),
-                                            jnp.arange(steps, dtype=jnp.int32),
-                                            unroll=scan_unroll(steps, unroll))
+  (v, _, finished), history = scan(body, (v0, update.init(v0), finished0), jnp.arange(steps, dtype=jnp.int32),
+                                    unroll=scan_unroll(steps, unroll))
   if final_objective:
     values, aux = _split_output(objective(v, jnp.asarray(steps, jnp.int32)))
     history["final_objective"] = values

@@ -264,6 +264,22 @@ def gate_finding(gate) -> str:
           + (f" Every mean Dice, drop and test below averages {', '.join(kept)} only." if kept else ""))
 
 
+def _significant(c) -> bool:
+  # A claim needs both the signed-rank test (Holm) and the bootstrap CI of the mean difference to exclude 0: on
+  # skewed per-case differences the two can disagree, and then no effect is claimed.
+  return c["p_holm"] < 0.05 and (c["ci_low"] > 0 or c["ci_high"] < 0)
+
+
+def defence_verdict(c) -> str:
+  """How a defence compares with the undefended model, from its primary comparison row."""
+  if _significant(c):
+    return f"significantly {'MORE' if c['mean_diff'] > 0 else 'LESS'} robust than"
+  if c["p_holm"] < 0.05:
+    return ("not clearly different from (the signed-rank test rejects, but the bootstrap CI of the mean "
+            "difference includes 0)")
+  return "not significantly different from"
+
+
 def findings(config, res: dict, headline: dict) -> list[str]:
   """What the numbers do and do not support, in words (primary = Holm-corrected; the rest exploratory)."""
   ref, n = headline["reference_eps"], int(headline["n_val"])
@@ -274,7 +290,7 @@ def findings(config, res: dict, headline: dict) -> list[str]:
   if not headline["learnt_regions"]:
     return out + ["No effect is claimed: the clean model learnt no tumour region, so every attack and defence "
                   "number in this report is exploratory (train longer or at a finer grid)."]
-  sig = lambda c: c["p_holm"] < 0.05
+  sig = _significant
   desc = lambda c: (f"{c['mean_diff']:+.3f} [95 % CI {c['ci_low']:+.3f}, {c['ci_high']:+.3f}], Holm p = "
                     f"{_p(c['p_holm'])}, n = {c['n']} (effective {c['n_effective']})")
 
@@ -283,15 +299,12 @@ def findings(config, res: dict, headline: dict) -> list[str]:
     hurt = [c["attack"] for c in attacks if sig(c) and c["mean_diff"] > 0]
     out.append(f"Attacks on the undefended model at eps = {ref:g} (clean minus attacked mean Dice): "
                + "; ".join(f"{c['attack']} {desc(c)}" for c in attacks) + ". "
-               + (f"Significant after Holm correction: {', '.join(hurt)}." if hurt
-                  else "None is significant after Holm correction."))
+               + (f"Significant after Holm correction, with a CI above 0: {', '.join(hurt)}." if hurt
+                  else "None is significant after Holm correction with a CI above 0."))
   t1_und = masking.get(SOURCE, {}).get("dice_t1_best", float("nan"))
   for c in (c for c in primary if c["comparison"].endswith("vs undefended")):
     d = c["model_a"]
-    verdict = ("significantly MORE robust than" if sig(c) and c["mean_diff"] > 0 else
-               "significantly LESS robust than" if sig(c) and c["mean_diff"] < 0 else
-               "not significantly different from")
-    text = (f"{d.capitalize()} under the adaptive attack at eps = {ref:g}: {verdict} the undefended model "
+    text = (f"{d.capitalize()} under the adaptive attack at eps = {ref:g}: {defence_verdict(c)} the undefended model "
             f"(defence minus undefended mean Dice {desc(c)}).")
     t1_gain = masking[d]["dice_t1_best"] - t1_und
     if math.isfinite(t1_gain):
