@@ -12,12 +12,15 @@ Cells over a SLURM array (launch/cells.sh): --config.eval.cells=none trains, =i/
 of the evaluation cells (models trained first), and a last run with the default "all" writes the report.
 
 Variants:
-  runlocal  CPU, ~2-3 min on 2 cores: 16^3 phantom volumes, tiny 3D U-Net, a few dozen steps, 4 eps up to 2,
-            3-step attacks, 8 validation cases (exploratory statistics only).
-  phantom   (default) CPU, about 10 min on 2 cores (11.5 min measured on a busy shared machine, ~6 min idle
-            estimate): 16^3 phantom volumes, 20 validation cases (n >= 20 for the primary tests), geometric eps
-            grid 0.02..2 up to collapse, 3-step attacks: FGSM, PGD, margin PGD, PGD at the training temperature,
-            transfer, targeted margin; adversarial training with PGD at the reference eps 0.2.
+  runlocal  CPU, 32^3 phantom volumes (heads at 48^3), 3D U-Net (8, 16, 32), 300 base steps + 100-step
+            fine-tunes, 3 eps up to 2, 3-step attacks, 8 validation cases (exploratory statistics only). Learns
+            WT and TC, not ET. Not timed alone; the main job's stage (20 validation cases) took 630 s before
+            the FGSM fix of 2026-12-07, of which 381 s evaluation.
+  phantom   (default) CPU, 32^3 volumes, 600 base steps + 300-step fine-tunes (enough for ET at 400 + 200 in
+            a trial run; this variant itself not timed yet, estimated 20-25 min on 2 cores), 20 validation
+            cases (n >= 20 for the primary tests), geometric eps grid 0.02..2 up to collapse, 3-step attacks:
+            FGSM, PGD, margin PGD, PGD at the training temperature, transfer, targeted margin; adversarial
+            training with PGD at the reference eps 0.2.
   brats     GPU: BraTS folder at --config.data.root, whole brain-cropped volumes (192 x 192 x 160) attacked and
             scored through Gaussian-blended sliding-window inference with 128^3 windows (as deployed),
             bfloat16 U-Net with a float32 first layer, N = 10 attack steps, every attack, 8 eps.
