@@ -18,3 +18,50 @@ if os.environ.get("MRI_POISON_TEST_JAX_CACHE", "1") != "0":
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the many small eager programs too
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("MRI_POISON_UNROLL", "rolled")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# The main job at `test` size is the suite's longest run; the pipeline's tests and the end-to-end tests of studies
+# 2 and 3 read the same run (they would otherwise train and attack the same models again), so their modules go to
+# one xdist worker as one unit. Every other module is a unit of its own, as with --dist loadfile.
+MAIN_JOB_MODULES = ("test_studies_reproduce.py", "test_studies_robustify.py", "test_studies_deform.py")
+# Modules by measured time, longest first (2 cores, cold caches, 2026-12-07): handing the long ones out first
+# keeps one worker from finishing minutes after the other. Modules not listed follow in collection order.
+SLOWEST_FIRST = MAIN_JOB_MODULES + (
+    "test_multihost.py", "test_models_conv.py", "test_poison_unlearnable.py", "test_attacks_deform.py",
+    "test_train.py", "test_studies_poison.py", "test_defenses.py", "test_unet.py",
+    "test_bench_gpu_check.py", "test_readme.py", "test_studies_unlearnable.py", "test_evaluate.py",
+    "test_parts.py", "test_phantom_v2.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: collection order within a rank
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """Units of work for the xdist workers: a module, or the main job's modules together, handed out in order.
+
+  A scheduler of our own because xdist's `--dist loadgroup` marks did not group tests here (pytest 9.2, xdist 3.8).
+  """
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class ModuleScheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      path = nodeid.split("::", 1)[0]
+      return "main_job" if os.path.basename(path) in MAIN_JOB_MODULES else path
+
+  return ModuleScheduling(config, log)
+
+
+@pytest.fixture(scope="session")
+def main_job_at_test_size(tmp_path_factory):
+  """The main job (`experiments.reproduce`) at `test` size, run once: (workdir, stage records, report.md)."""
+  from experiments.configs.reproduce import get_config  # pylint: disable=g-import-not-at-top
+  from mri_poison.studies import reproduce  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("reproduce"))
+  records = reproduce.run(get_config("test"), workdir)
+  with open(os.path.join(workdir, "report.md")) as f:
+    return workdir, records, f.read()

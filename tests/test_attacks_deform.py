@@ -9,8 +9,7 @@ from mri_poison.attacks import deform
 from mri_poison.data.datasets import load_splits
 from mri_poison.ops import warp
 
-# The tiny study config of tests/test_studies_deform.py uses the same model, shapes and settings, so the
-# compiled train step and attack are shared within one pytest process.
+# The main job's `test` size of study 3 (experiments/configs/reproduce.py) uses the same model and shapes.
 S = deform.settings(max_disp=4.0, bias_range=0.5, steps=40, lr=0.1)
 
 

@@ -2,30 +2,21 @@
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 
-from experiments.configs import deform as deform_config
+from experiments.configs import reproduce as reproduce_config
 from mri_poison.studies import deform as study
 
 
-def tiny_config():
-  c = deform_config.get_config("runlocal")
-  c.data.update(dict(n_cases=10, n_val=4))
-  c.arm2d.model.features = (8, 16)
-  c.arm2d.train.update(dict(steps=12, log_every=100, ckpt_every=100))
-  c.arm2d.generator_steps = 6
-  c.deform.update(dict(steps=8))
-  c.attack.update(dict(deltas=(0.1,), gradient_attacks=(), eps=(), gradient_steps=2))
-  c.defence.arms = ()  # the defence's transform is tested in tests/test_attacks_deform.py (time budget)
-  c.eval.update(dict(example_delta=0.1, n_volumes=1))
-  return c
-
-
-def test_tiny_run_writes_cells_report_and_volumes_then_reuses_them(tmp_path):
-  config = tiny_config()
+def test_tiny_run_writes_cells_report_and_volumes_then_reuses_them(main_job_at_test_size, tmp_path):
+  """The study as the main job's `test` run finished it (tests/conftest.py), then a rerun on a copy."""
+  config = reproduce_config.get_config("test").deform
+  main_workdir, records, _ = main_job_at_test_size
+  headline = records["deform"]["headline"]
   workdir = str(tmp_path / "wd")
-  headline = study.run(config, workdir)
+  shutil.copytree(os.path.join(main_workdir, "deform"), workdir)
   rows = list(csv.DictReader(open(os.path.join(workdir, "results", "cells.csv"))))
   threats = {(r["victim"], r["threat"]) for r in rows}
   assert {("2d/undefended", t) for t in ("deform", "deform_max", "random", "generator")} <= threats

@@ -1,4 +1,5 @@
 """The main job: the whole pipeline at `test` size, reuse, force and failed stages, and the notebook tour."""
+import json
 import os
 import re
 
@@ -12,12 +13,9 @@ from mri_poison.studies.reproduce import report as report_lib
 _NUMBER = re.compile(r"[-+]?\d+(\.\d+)?")
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("reproduce"))
-  records = reproduce.run(get_config("test"), workdir)
-  with open(os.path.join(workdir, "report.md")) as f:
-    return workdir, records, f.read()
+@pytest.fixture
+def finished(main_job_at_test_size):
+  return main_job_at_test_size  # tests/conftest.py: one run for this module and study 2's tests
 
 
 def _tables(text):
@@ -162,6 +160,25 @@ def test_brats_without_a_folder_is_one_error_before_any_stage(tmp_path):
                                       r"a BraTS folder and none was given \(--config.data_root=/path"):
     reproduce.run(get_config("brats"), workdir)
   assert not os.path.exists(workdir)
+
+
+def test_concurrent_stages_run_in_their_own_processes_and_report_each_failure(tmp_path):
+  """Two stages at once, each in a worker process: a stage's error comes back in its record and the report."""
+  config = _fake_config()
+  config.concurrent_stages = 2
+  for name in config.stages:
+    config[name].data.update(dict(source="brats", root=str(tmp_path / f"no_{name}_folder")))
+  with pytest.raises(reproduce.StageFailed) as failed:
+    reproduce.run(config, str(tmp_path / "w"))
+  for name in config.stages:
+    assert f"no_{name}_folder" in str(failed.value)
+    record = json.load(open(tmp_path / "w" / "stages" / f"{name}.json"))
+    assert record["status"] == "failed" and record["error"].startswith("DataError") and record["seconds"] > 0
+  assert open(tmp_path / "w" / "report.md").read().count("(failed)") == 2
+  config.concurrent_stages = -1
+  with pytest.raises(ValueError, match="concurrent_stages=-1"):
+    reproduce.run(config, str(tmp_path / "v"))
+  assert not os.path.exists(tmp_path / "v")
 
 
 def test_embed_demotes_headings_and_reroots_relative_links():

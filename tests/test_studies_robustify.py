@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from experiments.configs import reproduce as reproduce_config
 from experiments.configs import robustify as robustify_config
 from mri_poison.studies import common
 from mri_poison.studies import robustify
@@ -26,16 +27,8 @@ def _splits(config):
 
 
 def _tiny_config():
-  config = robustify_config.get_config("runlocal")
-  config.data.update(dict(n_cases=7, n_val=3, phantom_shape=(24, 24, 24), shape=(16, 16, 16), patch_shape=(16, 16, 16)))
-  # Two levels, 40 steps: clean mean Dice 0.38-0.42 on the 3 validation cases, the study in 98 s on 2 idle cores
-  # (runlocal's three levels: 0.31-0.43 in 136 s, mostly compiling; 16 steps gave 0.19-0.25, near the 0.2 bar).
-  config.model.features = (8, 16)
-  config.train.update(dict(steps=40, ckpt_every=40, log_every=20))
-  config.distill.steps = config.adversarial.train_steps = 0  # half of train.steps
-  config.attack.update(dict(eps=(0.1, 0.5), steps=2, batch=3))
-  config.eval.update(dict(reference_eps=0.5, example_eps=0.5))
-  return config
+  """The main job's `test` size of this study (two levels, 40 steps, every runlocal attack at 2 eps)."""
+  return reproduce_config.get_config("test").robustify
 
 
 def splits_label(splits, case_id):
@@ -47,14 +40,12 @@ def _read(path):
     return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def finished_study(tmp_path_factory):
-  """A tiny study run once for the module: (config, splits, workdir, headline)."""
+@pytest.fixture
+def finished_study(main_job_at_test_size):
+  """This study as the main job's `test` run finished it (tests/conftest.py): (config, splits, workdir, headline)."""
   config = _tiny_config()
-  splits = _splits(config)
-  workdir = str(tmp_path_factory.mktemp("robustify") / "study")
-  headline = robustify.run(config, workdir, splits=splits)
-  return config, splits, workdir, headline
+  main_workdir, records, _ = main_job_at_test_size
+  return config, _splits(config), os.path.join(main_workdir, "robustify"), records["robustify"]["headline"]
 
 
 def test_config_variants():
@@ -82,7 +73,7 @@ def test_bad_config_key_is_named(tmp_path):
     robustify.run(config, str(tmp_path), splits={"train": [], "val": []})
 
 
-def test_study_end_to_end(finished_study):
+def test_study_end_to_end(finished_study, tmp_path):
   config, splits, workdir, headline = finished_study
 
   for name in ("report.md", "config.json", "manifest.json", "results/per_case.csv", "results/summary.csv",
@@ -186,8 +177,10 @@ def test_study_end_to_end(finished_study):
   assert json.load(open(os.path.join(workdir, "results", "headline.json")))["n_val"] == 3
   assert set(headline["clean_dice"]) == set(robustify.MODELS)
 
-  # A rerun reuses the models and the evaluations and gives the same numbers.
-  again = robustify.run(config, workdir, splits=splits)
+  # A rerun reuses the models and the evaluations and gives the same numbers (on a copy: the run is shared).
+  copy = str(tmp_path / "study")
+  shutil.copytree(workdir, copy)
+  again = robustify.run(config, copy, splits=splits)
   assert again["clean_dice"] == headline["clean_dice"]
   assert again["cells_computed"] == 0
 

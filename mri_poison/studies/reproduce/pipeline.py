@@ -1,9 +1,11 @@
 """The stages of the main job: run, reuse or record the failure of each study, then the report."""
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import importlib
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -11,6 +13,7 @@ import traceback
 from typing import Callable
 
 from absl import logging
+import jax
 
 from mri_poison import io_utils
 from mri_poison.data.case import DataError
@@ -21,7 +24,7 @@ from mri_poison.train import workdir as workdir_lib
 STAGES = ("robustify", "poison", "deform", "unlearnable")
 # Everything may change between runs of one main-job workdir: each study checks its own sub-config against its
 # own config.json, and a stage whose sub-config changed is run again.
-RESUMABLE_KEYS = ("variant", "seed", "force", "stages", "report.") + tuple(f"{s}." for s in STAGES)
+RESUMABLE_KEYS = ("variant", "seed", "force", "stages", "concurrent_stages", "report.") + tuple(f"{s}." for s in STAGES)
 
 
 class StageFailed(RuntimeError):
@@ -42,6 +45,7 @@ def stage_names(config) -> tuple[str, ...]:
 
 
 def _check_config(config) -> None:
+  concurrent_stages(config)  # a bad value fails here, before any folder is written
   stages = stage_names(config)
   unknown = [s for s in stages if s not in STAGES]
   if unknown or not stages or len(set(stages)) != len(stages):
@@ -139,6 +143,43 @@ def _run_stage(name: str, sub_config, workdir: str, *, force: bool, index: int, 
   return dict(record, reused=False)
 
 
+def _stage_in_process(name: str, sub_config, workdir: str, verbosity: int, **kwargs) -> dict:
+  """`_run_stage` in a worker process of its own (which starts without the parent's logging settings)."""
+  logging.set_verbosity(verbosity)
+  return _run_stage(name, sub_config, workdir, **kwargs)
+
+
+def concurrent_stages(config) -> int:
+  """How many stages run at once: config.concurrent_stages, where 0 means 2 on one CPU-only process, else 1.
+
+  Why 2 on CPU: a study spends much of its time in XLA compilation, which runs on one core, so one study at a
+  time kept a 2-core machine 145 % busy (the main job of 2026-12-07); two at a time fill both cores. A GPU or a
+  multi-process job runs one stage at a time (the stages would share one accelerator; hosts run in lockstep).
+  """
+  n = int(config.get("concurrent_stages", 1))
+  if n < 0:
+    raise ValueError(f"config concurrent_stages={n}: expected 0 (auto) or a positive number of stages")
+  if n == 0:
+    n = 2 if jax.default_backend() == "cpu" and jax.process_count() == 1 else 1
+  return n
+
+
+def _run_stages(config, wd: str, stages, runners) -> dict:
+  """{stage: record}, the stages run one at a time or, each in a fresh process, `concurrent_stages` at a time."""
+  kwargs = lambda i: dict(force=bool(config.force), index=i, total=len(stages))
+  workers = min(concurrent_stages(config), len(stages))
+  if workers <= 1 or runners:  # test runners replace a study in this process only
+    return {name: _run_stage(name, config[name], wd, runner=(runners or {}).get(name), **kwargs(i))
+            for i, name in enumerate(stages, 1)}
+  # "spawn": a fresh interpreter per worker (a forked JAX runtime is unsafe). Stages start in run order, so the
+  # longest (study 2) starts first and the others share the second worker.
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    futures = {name: pool.submit(_stage_in_process, name, config[name], wd, logging.get_verbosity(), **kwargs(i))
+               for i, name in enumerate(stages, 1)}
+    return {name: future.result() for name, future in futures.items()}
+
+
 def _now() -> str:
   return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -154,10 +195,7 @@ def run(config, workdir: str, *, runners: dict[str, Callable] | None = None) -> 
   stages = stage_names(config)
   t0 = time.time()
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (wd, _):
-    records = {}
-    for i, name in enumerate(stages, 1):
-      records[name] = _run_stage(name, config[name], wd, force=bool(config.force), index=i, total=len(stages),
-                                 runner=(runners or {}).get(name))
+    records = _run_stages(config, wd, stages, runners)
     # Stages not asked for this time keep their place in the combined report when they finished earlier here.
     shown = dict(records)
     for name in STAGES:
