@@ -62,6 +62,10 @@ def main_job_at_test_size(tmp_path_factory):
   from experiments.configs.reproduce import get_config  # pylint: disable=g-import-not-at-top
   from mri_poison.studies import reproduce  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("reproduce"))
-  records = reproduce.run(get_config("test"), workdir)
+  config = get_config("test")
+  # In this process, one stage at a time: the tests that follow on this worker reuse its compiled programs, and
+  # the other xdist worker keeps the second core busy. Stages in worker processes: test_studies_reproduce.py.
+  config.concurrent_stages = 1
+  records = reproduce.run(config, workdir)
   with open(os.path.join(workdir, "report.md")) as f:
     return workdir, records, f.read()

@@ -143,8 +143,18 @@ def _run_stage(name: str, sub_config, workdir: str, *, force: bool, index: int, 
   return dict(record, reused=False)
 
 
-def _stage_in_process(name: str, sub_config, workdir: str, verbosity: int, **kwargs) -> dict:
-  """`_run_stage` in a worker process of its own (which starts without the parent's logging settings)."""
+def _log_settings() -> tuple:
+  return logging.get_verbosity(), tuple(logging.get_absl_handler().filters)
+
+
+def _stage_in_process(name: str, sub_config, workdir: str, log_settings: tuple, **kwargs) -> dict:
+  """`_run_stage` in a worker process of its own, logging as the parent does (its verbosity and filters)."""
+  verbosity, filters = log_settings
+  logging.use_absl_handler()
+  handler = logging.get_absl_handler()
+  for f in filters:
+    if not any(type(g) is type(f) for g in handler.filters):  # a worker runs several stages
+      handler.addFilter(f)
   logging.set_verbosity(verbosity)
   return _run_stage(name, sub_config, workdir, **kwargs)
 
@@ -164,18 +174,17 @@ def concurrent_stages(config) -> int:
   return n
 
 
-def _run_stages(config, wd: str, stages, runners) -> dict:
-  """{stage: record}, the stages run one at a time or, each in a fresh process, `concurrent_stages` at a time."""
+def _run_stages(config, wd: str, stages, runners, workers: int) -> dict:
+  """{stage: record}, the stages run one at a time or, each in a fresh process, `workers` at a time."""
   kwargs = lambda i: dict(force=bool(config.force), index=i, total=len(stages))
-  workers = min(concurrent_stages(config), len(stages))
-  if workers <= 1 or runners:  # test runners replace a study in this process only
+  if workers <= 1:
     return {name: _run_stage(name, config[name], wd, runner=(runners or {}).get(name), **kwargs(i))
             for i, name in enumerate(stages, 1)}
   # "spawn": a fresh interpreter per worker (a forked JAX runtime is unsafe). Stages start in run order, so the
   # longest (study 2) starts first and the others share the second worker.
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-    futures = {name: pool.submit(_stage_in_process, name, config[name], wd, logging.get_verbosity(), **kwargs(i))
+    futures = {name: pool.submit(_stage_in_process, name, config[name], wd, _log_settings(), **kwargs(i))
                for i, name in enumerate(stages, 1)}
     return {name: future.result() for name, future in futures.items()}
 
@@ -195,14 +204,16 @@ def run(config, workdir: str, *, runners: dict[str, Callable] | None = None) -> 
   stages = stage_names(config)
   t0 = time.time()
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (wd, _):
-    records = _run_stages(config, wd, stages, runners)
+    # Test runners replace a study in this process only.
+    workers = 1 if runners else min(concurrent_stages(config), len(stages))
+    records = _run_stages(config, wd, stages, runners, workers)
     # Stages not asked for this time keep their place in the combined report when they finished earlier here.
     shown = dict(records)
     for name in STAGES:
       earlier = None if name in records else _read_record(_record_path(wd, name))
       if earlier and earlier.get("status") == "finished" and not _missing_outputs(earlier, os.path.join(wd, name)):
         shown[name] = dict(earlier, reused=True, earlier=True)
-    report.write_report(config, wd, shown, wall_seconds=time.time() - t0)
+    report.write_report(config, wd, shown, wall_seconds=time.time() - t0, concurrent=workers)
   failed = [n for n, r in records.items() if r["status"] != "finished"]
   if failed:
     raise StageFailed(f"stage(s) {', '.join(failed)} failed: " + "; ".join(records[n]["error"] for n in failed)

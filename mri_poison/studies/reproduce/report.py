@@ -87,7 +87,7 @@ def _data_section(rep: markdown.Report, config, order) -> None:
                   "n >= 20.")
 
 
-def write_report(config, workdir: str, records: dict, *, wall_seconds: float) -> str:
+def write_report(config, workdir: str, records: dict, *, wall_seconds: float, concurrent: int = 1) -> str:
   """Writes <workdir>/report.md from the stage records and the studies' own reports."""
   order = [s for s in STUDY_TITLES if s in records]  # records: the stages run now and those finished earlier
   rep = markdown.Report(f"mri_poison main job: the four studies ({config.variant})")
@@ -135,11 +135,11 @@ def write_report(config, workdir: str, records: dict, *, wall_seconds: float) ->
       rep.paragraph(f"{question}\n\nThis stage did not finish: `{r.get('error', r['status'])}`.")
       if r.get("traceback"):
         rep.code(r["traceback"])
-  _manifest_section(rep, config, workdir, records, order, wall_seconds)
+  _manifest_section(rep, config, workdir, records, order, wall_seconds, concurrent)
   return rep.write(os.path.join(workdir, "report.md"))
 
 
-def _manifest_section(rep, config, workdir, records, order, wall_seconds) -> None:
+def _manifest_section(rep, config, workdir, records, order, wall_seconds, concurrent) -> None:
   rep.heading("Run manifest", 2)
   try:
     with open(os.path.join(workdir, "manifest.json")) as f:
@@ -159,5 +159,7 @@ def _manifest_section(rep, config, workdir, records, order, wall_seconds) -> Non
   rows = [{"stage": n, "status": "reused" if records[n].get("reused") else records[n]["status"],
            "started": records[n].get("started", "-"), "seconds": round(float(records[n].get("seconds", np.nan)), 1)}
           for n in order]
-  rep.table(rows, caption=f"Time per stage (this run took {wall_seconds:.0f} s; a reused stage shows the time "
-                          "of the run that computed it):")
+  overlap = (f"; {concurrent} stages ran at a time, each in its own process (config concurrent_stages), so their "
+             "times overlap" if concurrent > 1 else "")
+  rep.table(rows, caption=f"Time per stage (this run took {wall_seconds:.0f} s{overlap}; a reused stage shows the "
+                          "time of the run that computed it):")
