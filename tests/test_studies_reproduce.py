@@ -15,7 +15,7 @@ _NUMBER = re.compile(r"[-+]?\d+(\.\d+)?")
 
 @pytest.fixture
 def finished(main_job_at_test_size):
-  return main_job_at_test_size  # tests/conftest.py: one run for this module and study 2's tests
+  return main_job_at_test_size  # tests/conftest.py: one run for this module and the studies 2 and 3 tests
 
 
 def _tables(text):
