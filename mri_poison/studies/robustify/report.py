@@ -290,13 +290,12 @@ def findings(config, res: dict, headline: dict) -> list[str]:
   if not headline["learnt_regions"]:
     return out + ["No effect is claimed: the clean model learnt no tumour region, so every attack and defence "
                   "number in this report is exploratory (train longer or at a finer grid)."]
-  sig = _significant
   desc = lambda c: (f"{c['mean_diff']:+.3f} [95 % CI {c['ci_low']:+.3f}, {c['ci_high']:+.3f}], Holm p = "
                     f"{_p(c['p_holm'])}, n = {c['n']} (effective {c['n_effective']})")
 
   attacks = [c for c in primary if c["comparison"] == "clean vs attack"]
   if attacks:
-    hurt = [c["attack"] for c in attacks if sig(c) and c["mean_diff"] > 0]
+    hurt = [c["attack"] for c in attacks if _significant(c) and c["mean_diff"] > 0]
     out.append(f"Attacks on the undefended model at eps = {ref:g} (clean minus attacked mean Dice): "
                + "; ".join(f"{c['attack']} {desc(c)}" for c in attacks) + ". "
                + (f"Significant after Holm correction, with a CI above 0: {', '.join(hurt)}." if hurt
