@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import tempfile
@@ -61,6 +62,15 @@ def append_jsonl(path, obj: Mapping[str, Any]) -> None:
   """Appends one line; a crash mid-write leaves at most a truncated last line, which readers skip."""
   with open(path, "a") as f:
     f.write(json.dumps(obj, default=_json_default) + "\n")
+
+
+def file_sha256(path) -> str:
+  """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def _json_default(o):

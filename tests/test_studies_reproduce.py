@@ -134,6 +134,14 @@ def test_a_finished_stage_whose_files_are_gone_runs_again(tmp_path, capsys):
   calls.clear()
   reproduce.run(_fake_config(), str(tmp_path), runners=runners)
   assert [os.path.basename(c) for c in calls] == ["deform"]
+  # Same size, other bytes (an edited number): the recorded digest no longer matches.
+  (tmp_path / "deform" / "results" / "cells.csv").write_text("victim,value\nm,9.5\n")
+  calls.clear()
+  reproduce.run(_fake_config(), str(tmp_path), runners=runners)
+  assert [os.path.basename(c) for c in calls] == ["deform"]
+  calls.clear()
+  reproduce.run(_fake_config(), str(tmp_path), runners=runners)
+  assert not calls
 
 
 def test_a_subset_run_keeps_the_other_finished_stages_in_the_report(tmp_path):

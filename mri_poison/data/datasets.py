@@ -6,7 +6,6 @@ the same config always gives the same split, and the phantom source, the `brats_
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -14,6 +13,7 @@ import re
 import ml_collections
 import numpy as np
 
+from mri_poison import io_utils
 from mri_poison.data.case import MODALITIES, Case, DataError
 
 SOURCES = ("phantom", "brats", "tfds")
@@ -155,18 +155,10 @@ def provenance(data_cfg, splits: dict[str, list[Case]]) -> dict:
     for ref in list_cases(root):
       case_id, paths = case_files(ref)
       if case_id in used:
-        files[case_id] = [{"path": os.path.relpath(p, root), "bytes": os.path.getsize(p), "sha256": _sha256(p)}
-                          for p in paths]
+        files[case_id] = [{"path": os.path.relpath(p, root), "bytes": os.path.getsize(p),
+                           "sha256": io_utils.file_sha256(p)} for p in paths]
     out.update(root=os.path.abspath(root), files=files)
   return out
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def case_sort_key(case_id: str) -> list:

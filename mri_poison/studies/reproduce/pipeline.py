@@ -79,26 +79,34 @@ def _is_log(name: str) -> bool:
   return name == "manifest.json" or name.endswith(".jsonl") or name.startswith("events.out.tfevents")
 
 
-def _outputs(stage_dir: str) -> dict[str, int | None]:
-  """{path relative to the stage folder: size in bytes (None for a log)} of every file a finished stage left."""
+def _outputs(stage_dir: str) -> dict[str, str | None]:
+  """{path relative to the stage folder: SHA-256 (None for a log)} of every file a finished stage left."""
   out = {}
   for top, _, files in os.walk(stage_dir):
     for f in files:
       full = os.path.join(top, f)
-      out[os.path.relpath(full, stage_dir)] = None if _is_log(f) else os.path.getsize(full)
+      out[os.path.relpath(full, stage_dir)] = None if _is_log(f) else io_utils.file_sha256(full)
   return out
 
 
-def _missing_outputs(record: dict, stage_dir: str) -> list[str]:
-  """Files the finished stage wrote that are gone or changed size since (a deleted model, results file)."""
-  now = _outputs(stage_dir) if os.path.isdir(stage_dir) else {}
+def _changed_outputs(record: dict, stage_dir: str) -> list[str]:
+  """Files the finished stage wrote that are gone or whose bytes changed since (a deleted model, an edited CSV)."""
   expected = record.get("outputs") or {"report.md": None}  # records written before outputs were kept
-  return sorted(p for p, size in expected.items() if p not in now or (size is not None and now[p] != size))
+  changed = []
+  for path in sorted(expected):
+    full, recorded = os.path.join(stage_dir, path), expected[path]
+    if not os.path.isfile(full):
+      changed.append(path)
+    elif isinstance(recorded, int):  # records of 2026-12-07 kept sizes, not digests
+      changed += [path] if os.path.getsize(full) != recorded else []
+    elif recorded is not None and io_utils.file_sha256(full) != recorded:
+      changed.append(path)
+  return changed
 
 
 def _reusable(record: dict | None, digest: str, stage_dir: str) -> bool:
   return (record is not None and record.get("status") == "finished" and record.get("config_digest") == digest
-          and not _missing_outputs(record, stage_dir))
+          and not _changed_outputs(record, stage_dir))
 
 
 def _error_text(e: BaseException) -> str:
@@ -117,7 +125,7 @@ def _run_stage(name: str, sub_config, workdir: str, *, force: bool, index: int, 
     print(f"{tag}: reused (finished earlier in {record['seconds']:.0f} s)", flush=True)
     return dict(record, reused=True)
   if record is not None and record.get("status") == "finished" and record.get("config_digest") == digest:
-    gone = _missing_outputs(record, stage_dir)
+    gone = _changed_outputs(record, stage_dir)
     print(f"{tag}: {len(gone)} of its files are gone or changed since it finished ({', '.join(gone[:3])}"
           f"{', ...' if len(gone) > 3 else ''}): running it again (it reuses what is still there)", flush=True)
   if force and os.path.isdir(stage_dir):
@@ -211,7 +219,7 @@ def run(config, workdir: str, *, runners: dict[str, Callable] | None = None) -> 
     shown = dict(records)
     for name in STAGES:
       earlier = None if name in records else _read_record(_record_path(wd, name))
-      if earlier and earlier.get("status") == "finished" and not _missing_outputs(earlier, os.path.join(wd, name)):
+      if earlier and earlier.get("status") == "finished" and not _changed_outputs(earlier, os.path.join(wd, name)):
         shown[name] = dict(earlier, reused=True, earlier=True)
     report.write_report(config, wd, shown, wall_seconds=time.time() - t0, concurrent=workers)
   failed = [n for n, r in records.items() if r["status"] != "finished"]
