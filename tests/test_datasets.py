@@ -2,6 +2,7 @@
 import hashlib
 import os
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -108,6 +109,15 @@ def test_provenance_names_the_root_the_split_ids_and_each_files_hash(tmp_path):
   data = (tmp_path / seg["path"]).read_bytes()
   assert seg["bytes"] == len(data) and seg["sha256"] == hashlib.sha256(data).hexdigest()
   assert len(record["files"]["BraTS2021_00001"]) == 5  # four contrasts and the label
+  # What preprocessing did to each scan: 24^3 voxels of 8.33 mm resampled 1.5x coarser into the 16^3 grid.
+  done = record["preprocessing"]["BraTS2021_00001"]
+  assert done["scan_shape"] == [24, 24, 24] and done["grid"] == [16, 16, 16]
+  assert np.allclose(done["scan_spacing_mm"], 25 / 3, atol=1e-3) and np.allclose(done["resample_step"], 1.5, atol=0.1)
+  assert done["brain_kept"] == done["tumour_kept"] == 1.0
+  scan_seg = nib.load(str(tmp_path / seg["path"]))
+  scan_ml = (np.asarray(scan_seg.dataobj) > 0).sum() * np.prod(scan_seg.header.get_zooms()) / 1000
+  assert done["tumour_ml_scan"] == pytest.approx(scan_ml, rel=1e-3)
+  assert done["tumour_ml_grid"] == pytest.approx(scan_ml, rel=0.35)  # nearest-neighbour labels at 1.5x coarser
   assert datasets.provenance(_cfg(), datasets.load_splits(_cfg()))["case_ids"]["val"]  # phantom: ids, no files
 
 

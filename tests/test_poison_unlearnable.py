@@ -170,7 +170,7 @@ def test_minmin_rounds_stay_in_the_ball(data, surrogate, tmp_path):
   assert state_r["noise"]["delta"].shape == (4, 16, 16, 4)
 
 
-def test_umed_respects_eps_and_roi(data, surrogate, tmp_path, cases):
+def test_umed_respects_eps_and_roi(data, surrogate, tmp_path, cases, capfd):
   apply_fn, init = surrogate
   cfg = ml_collections.ConfigDict(dict(features=(4, 8), theta=0.5))
   g_c, g_t = ul.perturbators(cfg, 4)
@@ -204,7 +204,12 @@ def test_umed_respects_eps_and_roi(data, surrogate, tmp_path, cases):
   # and as TFDS (array_record) that load_splits reads back voxel for voxel through the tfds source
   from mri_poison.data import datasets
   data_dir = str(tmp_path / "tfds")
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.utils import tqdm_utils
+  tfds.display_progress_bar(True)
+  capfd.readouterr()
   name = protected_io.write_tfds(data_dir, "umed", prot_cases)
+  assert "examples/s" not in capfd.readouterr().err and tqdm_utils._active  # no progress bars; setting restored
   cfg = datasets.default_data_config()
   cfg.update(dict(source="tfds", tfds_name=name, data_dir=data_dir, n_cases=0, n_val=0, shape=(16, 16, 8)))
   loaded = datasets.load_splits(cfg)["train"]

@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mri_poison.data import datasets, phantom, pipeline
+from mri_poison.data.case import DataError
 from mri_poison.data.loaders import load_brats_case
 from mri_poison.data.preprocess import preprocess_case
 from mri_poison.data.tfds import Brats, BratsPhantom, BratsPhantomConfig, brats
@@ -58,6 +59,10 @@ def test_load_splits_from_tfds_matches_phantom_source(tiny_dir):
     for a, b in zip(via_tfds[split], direct[split]):
       np.testing.assert_array_equal(a.image, b.image)
       np.testing.assert_array_equal(a.label, b.label)
+  cfg.shape = (8, 8, 8)  # records of a 16^3 grid cut to 8^3 would lose brain: an error, not a silent crop
+  with pytest.raises(DataError, match=r"case phantom-\d+: its brain \(16x16x16 voxels.*does not fit data.shape="
+                                      r"\(8, 8, 8\).*Use a brats_phantom config whose grid is data.shape"):
+    datasets.load_splits(cfg)
 
 
 def test_pipeline_over_tfds_source_equals_pipeline_over_cases(tiny_dir):
@@ -116,6 +121,19 @@ def test_brats_builder_from_a_brats_folder(tmp_path):
   source = tfds.data_source("brats/vol32", data_dir=str(tmp_path / "tfds"))["train"]
   assert len(source) == 2
   for index, case_dir in enumerate(sorted(case_dirs)):
-    _assert_record_is_case(source[index], preprocess_case(load_brats_case(case_dir), shape=(32, 32, 32)))
+    case = datasets.fit_to_grid(load_brats_case(case_dir), (32, 32, 32), {"spacing": (6.0, 6.0, 6.0)})
+    _assert_record_is_case(source[index], case)
+    assert case.preprocessing["tumour_kept"] == 1.0 and case.preprocessing["brain_kept"] >= 0.98  # data.max_cropped_*
+    np.testing.assert_allclose(source[index]["spacing"], 6.0, atol=0.3)  # 8.33 mm scans resampled to ~6 mm
     labels = set(np.unique(source[index]["label"]))
     assert labels <= {0, 1, 2, 3} and {0, 2} <= labels
+
+
+def test_brats_builder_fails_on_a_case_its_grid_would_crop(tmp_path):
+  raw = tmp_path / "raw"
+  phantom.write_brats_dir(str(raw), 1, naming="2021", shape=(24, 24, 24), seed=5)
+  fine = brats.BratsConfig(name="fine16", grid=(16, 16, 16), spacing=(4.0, 4.0, 4.0))  # ~200 mm head in 64 mm
+  builder = Brats(config=fine, data_dir=str(tmp_path / "tfds"), file_format="array_record")
+  with pytest.raises(DataError, match=r"brats/fine16 .*case BraTS2021_00000: its brain .* does not fit .*"
+                                      r"BratsConfig\(spacing=...\) coarser"):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(raw)))

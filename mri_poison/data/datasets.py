@@ -79,7 +79,8 @@ def describe_source(data_cfg) -> str:
   source = str(data_cfg.source)
   if source != "phantom":
     return (f"`{source}` data" + (f" from `{data_cfg.root}`" if data_cfg.get("root") else "")
-            + " (the case ids of every split and each input file's SHA-256: `data.json`)")
+            + " (the case ids of every split, each input file's SHA-256 and what preprocessing did to each scan: "
+            "`data.json`)")
   version, options = phantom_options(data_cfg)
   if version == "v1":
     return "the embedded phantom v1 (procedural head, constant tissue intensities)"
@@ -157,7 +158,8 @@ def provenance(data_cfg, splits: dict[str, list[Case]]) -> dict:
       if case_id in used:
         files[case_id] = [{"path": os.path.relpath(p, root), "bytes": os.path.getsize(p),
                            "sha256": io_utils.file_sha256(p)} for p in paths]
-    out.update(root=os.path.abspath(root), files=files)
+    preprocessing = {c.case_id: c.preprocessing for cases in splits.values() for c in cases if c.preprocessing}
+    out.update(root=os.path.abspath(root), files=files, preprocessing=preprocessing)
   return out
 
 
@@ -219,31 +221,54 @@ def fit_to_grid(case: Case, shape, data_cfg) -> Case:
   the brain's voxels or data.max_cropped_tumour of the tumour's fall outside the grid (data.on_crop_loss="warn":
   a warning instead).
   """
-  from mri_poison.data.preprocess import brain_mask, pad_or_crop, preprocess_case
+  from mri_poison.data.preprocess import preprocess_case
   spacing = tuple(float(s) for s in (_folder_setting(data_cfg, "spacing") or ()))
   if spacing and len(spacing) != 3:
     raise DataError(f"data.spacing: expected () or three voxel sizes in mm, got {spacing}")
   fitted = preprocess_case(case, spacing=spacing or None)  # brain crop (+ resample), no pad/crop yet
-  final = pad_or_crop(fitted, shape)
+  extent = np.asarray(fitted.shape) * np.asarray(fitted.spacing)  # mm the brain spans
+  fits = float(np.max(extent / np.asarray(shape)))
+  final, lost = _pad_or_crop_checked(fitted, shape, data_cfg, fix=f"Resample with data.spacing=({fits:.2f}, "
+                                     f"{fits:.2f}, {fits:.2f}) or coarser, or enlarge data.shape")
+  return final.replace(preprocessing=_preprocessing_record(case, fitted, final, lost))
+
+
+def _pad_or_crop_checked(case: Case, shape, data_cfg, fix: str) -> tuple[Case, dict]:
+  """`pad_or_crop` to `shape`, and the share of brain and tumour voxels it dropped; more than
+  data.max_cropped_* is an error (a warning with data.on_crop_loss="warn") naming the case and `fix`."""
+  from mri_poison.data.preprocess import brain_mask, pad_or_crop
+  final = pad_or_crop(case, shape)
   lost = {}
-  for what, before, after in (("brain", brain_mask(fitted.image), brain_mask(final.image)),
-                              ("tumour", fitted.label > 0, final.label > 0)):
+  for what, before, after in (("brain", brain_mask(case.image), brain_mask(final.image)),
+                              ("tumour", case.label > 0, final.label > 0)):
     if before.sum():
       lost[what] = 1.0 - after.sum() / before.sum()
   limits = {k: float(_folder_setting(data_cfg, f"max_cropped_{k}")) for k in ("brain", "tumour")}
   over = {k: v for k, v in lost.items() if v > limits[k] + 1e-9}
   if over:
-    extent = np.asarray(fitted.shape) * np.asarray(fitted.spacing)  # mm the brain spans
-    fits = float(np.max(extent / np.asarray(shape)))
-    message = (f"case {case.case_id}: its brain ({'x'.join(map(str, fitted.shape))} voxels of "
-               f"{'x'.join(f'{s:g}' for s in fitted.spacing)} mm) does not fit data.shape={tuple(shape)}: the crop "
+    message = (f"case {case.case_id}: its brain ({'x'.join(map(str, case.shape))} voxels of "
+               f"{'x'.join(f'{s:g}' for s in case.spacing)} mm) does not fit data.shape={tuple(shape)}: the crop "
                f"drops " + " and ".join(f"{v:.1%} of the {k} voxels (data.max_cropped_{k}={limits[k]:g})"
-                                        for k, v in over.items())
-               + f". Resample with data.spacing=({fits:.2f}, {fits:.2f}, {fits:.2f}) or coarser, or enlarge data.shape")
+                                        for k, v in over.items()) + f". {fix}")
     if str(_folder_setting(data_cfg, "on_crop_loss")) != "warn":
       raise DataError(message + ", or set data.on_crop_loss='warn'")
     logging.warning("%s (data.on_crop_loss='warn': going on)", message)
-  return final
+  return final, lost
+
+
+def _preprocessing_record(scan: Case, fitted: Case, final: Case, lost: dict) -> dict:
+  """What `fit_to_grid` did to one scan, for data.json: the scan's own grid, the brain crop, the resampling
+  (old voxels per new voxel), the final grid, and the brain and tumour kept (tumour volume in mL before and
+  after, so a reader sees what resampling itself changed)."""
+  ml = lambda c: float((c.label > 0).sum() * np.prod(c.spacing) / 1000.0)
+  rounded = lambda v: [round(float(x), 4) for x in v]
+  return {"scan_shape": list(scan.shape), "scan_spacing_mm": rounded(scan.spacing),
+          "brain_box_mm": rounded(np.asarray(fitted.shape) * np.asarray(fitted.spacing)),
+          "spacing_mm": rounded(fitted.spacing),
+          "resample_step": rounded(np.asarray(fitted.spacing) / np.asarray(scan.spacing)),
+          "grid": list(final.shape),
+          "brain_kept": round(1.0 - lost.get("brain", 0.0), 6), "tumour_kept": round(1.0 - lost.get("tumour", 0.0), 6),
+          "tumour_ml_scan": round(ml(scan), 3), "tumour_ml_grid": round(ml(final), 3)}
 
 
 def _folder_cases(root, n_cases, shape, modalities, data_cfg):
@@ -277,8 +302,9 @@ def tfds_source(data_cfg):
   if data_cfg.get("root"):
     prepare["download_config"] = tfds.download.DownloadConfig(manual_dir=str(data_cfg.root))
   try:
-    return tfds.data_source(name, data_dir=str(data_cfg.data_dir) or None, split=str(data_cfg.tfds_split),
-                            builder_kwargs={"file_format": "array_record"}, download_and_prepare_kwargs=prepare)
+    with mri_poison.data.tfds.without_progress_bars():
+      return tfds.data_source(name, data_dir=str(data_cfg.data_dir) or None, split=str(data_cfg.tfds_split),
+                              builder_kwargs={"file_format": "array_record"}, download_and_prepare_kwargs=prepare)
   except Exception as e:  # tfds raises several types for unknown / unprepared datasets
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DataError(f"data_cfg.tfds_name={name!r} (data_dir={data_cfg.data_dir!r}): cannot open the TFDS "
@@ -286,12 +312,12 @@ def tfds_source(data_cfg):
 
 
 def _tfds_cases(data_cfg, n_cases, shape, modalities):
-  from mri_poison.data.preprocess import pad_or_crop
   name = str(data_cfg.tfds_name)
   source = tfds_source(data_cfg)
   cases = [case_from_record(source[i], name) for i in range(len(source))]
   cases = [select_modalities(c, modalities, f"data_cfg.tfds_name={name}") for c in cases]
-  return [c if c.shape == tuple(shape) else pad_or_crop(c, tuple(shape)) for c in cases]
+  fix = f"Use a {name.split('/')[0]} config whose grid is data.shape={tuple(shape)}, or enlarge data.shape"
+  return [c if c.shape == tuple(shape) else _pad_or_crop_checked(c, tuple(shape), data_cfg, fix)[0] for c in cases]
 
 
 def _shape(value, key):

@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 
 from mri_poison import io_utils
 from mri_poison.data.tfds import brats as brats_tfds
+from mri_poison.data.tfds import without_progress_bars
 
 TFDS_NAME = "brats_protected"
 _DESCRIPTION = """A protected (unlearnable-example) training split written by mri_poison's study 4: cases already
@@ -107,5 +108,6 @@ def write_tfds(data_dir: str | os.PathLike, config_name: str, cases) -> str:
   builder = BratsProtected(cases=cases, config=config, data_dir=data_dir, file_format="array_record")
   if os.path.isdir(builder.data_dir):  # a previous (other) protection of the same name: replace it
     shutil.rmtree(builder.data_dir)
-  builder.download_and_prepare()
+  with without_progress_bars():
+    builder.download_and_prepare()
   return f"{TFDS_NAME}/{config_name}"

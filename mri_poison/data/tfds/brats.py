@@ -20,11 +20,15 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mri_poison.data.case import MODALITIES, Case
+from mri_poison.data.case import MODALITIES, Case, DataError
+
+# The grid covers this many mm per axis: an adult brain's bounding box plus the crop margin fits with room.
+FIELD_OF_VIEW_MM = 192.0
 
 _DESCRIPTION = """Brain-tumour MRI (BraTS 2018-2021, 2023+ or MSD Task01 layout) preprocessed for mri_poison:
 brain mask (nonzero in any modality), per-modality z-score inside the mask, crop to the brain with a margin,
-pad/crop to a fixed grid; labels remapped to {0: background, 1: necrotic/non-enhancing core, 2: oedema,
+resample so that a 192 mm brain fits the grid (1.5 mm for 128, 3 mm for 64, 6 mm for 32 voxels), pad to the
+grid; labels remapped to {0: background, 1: necrotic/non-enhancing core, 2: oedema,
 3: enhancing tumour}. `vol*` configs hold one 3D volume per case, `slices*` configs axial 2D slices."""
 
 _CITATION = """@article{menze2015brats, title={The Multimodal Brain Tumor Image Segmentation Benchmark (BRATS)},
@@ -34,8 +38,10 @@ pages={1993--2024}, year={2015}}"""
 
 @dataclasses.dataclass(eq=False)
 class BratsConfig(tfds.core.BuilderConfig):
-  """grid: preprocessed 3D grid; kind: "volume" or "slices" (axial slices of the grid volume)."""
+  """grid: preprocessed 3D grid; kind: "volume" or "slices" (axial slices of the grid volume); spacing: voxel
+  size (mm) the brain is resampled to before the pad to the grid (() keeps each scan's own)."""
   grid: tuple[int, int, int] = (128, 128, 128)
+  spacing: tuple[float, ...] = ()
   kind: str = "volume"
   tumour_fraction: float = 0.5  # slices: fraction of kept slices that contain tumour
   modalities: tuple[str, ...] = MODALITIES
@@ -43,13 +49,14 @@ class BratsConfig(tfds.core.BuilderConfig):
 
 
 def _volume(name, size):
-  return BratsConfig(name=name, grid=(size,) * 3, kind="volume",
-                     description=f"3D volumes preprocessed to a {size}^3 grid")
+  return BratsConfig(name=name, grid=(size,) * 3, kind="volume", spacing=(FIELD_OF_VIEW_MM / size,) * 3,
+                     description=f"3D volumes resampled to {FIELD_OF_VIEW_MM / size:g} mm on a {size}^3 grid")
 
 
 def _slices(name, size):
-  return BratsConfig(name=name, grid=(size,) * 3, kind="slices",
-                     description=f"axial 2D slices ({size}x{size}) of volumes preprocessed to a {size}^3 grid")
+  return BratsConfig(name=name, grid=(size,) * 3, kind="slices", spacing=(FIELD_OF_VIEW_MM / size,) * 3,
+                     description=f"axial 2D slices ({size}x{size}) of volumes resampled to "
+                                 f"{FIELD_OF_VIEW_MM / size:g} mm on a {size}^3 grid")
 
 
 def features(config: BratsConfig) -> tfds.features.FeaturesDict:
@@ -113,8 +120,10 @@ def dataset_info(builder, config: BratsConfig, description: str) -> tfds.core.Da
 class Brats(tfds.core.GeneratorBasedBuilder):
   """BraTS-format folder preprocessed for mri_poison (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "2.0.0": "Brains resampled to fit the grid (was: centre-cropped at the scan's spacing); a case "
+                            "whose brain or tumour would still be cropped is an error; unlabelled cases logged."}
   BUILDER_CONFIGS = [_volume("vol128", 128), _volume("vol64", 64), _volume("vol32", 32),
                      _slices("slices128", 128), _slices("slices64", 64)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -134,12 +143,19 @@ class Brats(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples(refs)}
 
   def _generate_examples(self, refs):
+    from absl import logging
+    from mri_poison.data.datasets import fit_to_grid
     from mri_poison.data.loaders import load_case
-    from mri_poison.data.preprocess import preprocess_case
     config = self.builder_config
+    limits = {"spacing": tuple(config.spacing)}  # and the crop-loss limits of a `brats` folder config
     for index, ref in enumerate(refs):
       case = load_case(ref, tuple(config.modalities))
       if case.label is None:  # unlabelled (validation/test) cases cannot train a segmenter
+        logging.warning("brats/%s: %s has no segmentation: left out", config.name, ref)
         continue
-      case = preprocess_case(case, shape=tuple(config.grid))
+      try:
+        case = fit_to_grid(case, tuple(config.grid), limits)
+      except DataError as e:
+        raise DataError(f"brats/{config.name} ({config.spacing} mm, grid {config.grid}): {e}. In TFDS: build "
+                        "a BratsConfig(spacing=...) coarser than that") from e
       yield from records(case, config, index)
