@@ -13,10 +13,12 @@ traceback with --verbosity=1 or MRI_POISON_TRACEBACK=1); Ctrl-C as one line sayi
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib.util
 import logging as py_logging
 import os
 import re
+import shutil
 import sys
 import traceback
 
@@ -289,9 +291,49 @@ def _debug() -> bool:
   return any(a.startswith(("--verbosity=1", "--verbosity=2", "-v=1", "-v=2")) for a in sys.argv)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(e: BaseException) -> tuple[bool, str | None]:
+  """(whether `e` or an exception it wraps is a full disk or quota, the path it names if any). Checkpoint
+  libraries re-raise ENOSPC as their own error types, with the OS's words in the message."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+      return True, e.filename
+    if any(os.strerror(code) in str(e) for code in _DISK_FULL):
+      return True, None
+    e = e.__cause__ or e.__context__
+  return False, None
+
+
+def _workdir_arg(argv) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--workdir="):
+      return arg.split("=", 1)[1]
+    if arg == "--workdir" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _disk_full_message(path: str | None) -> str:
+  path = os.path.abspath(path or _workdir_arg(sys.argv) or ".")
+  existing = path
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  free = shutil.disk_usage(existing).free / 2**20
+  return (f"error: the disk is full writing {path} ({free:.0f} MiB free there): free some space or give another "
+          "--workdir; re-running the same command resumes from the last checkpoint")
+
+
 def _fail(kind: str, e: BaseException) -> None:
   if _debug():
     traceback.print_exception(e)
+  full, path = _disk_full(e)
+  if full:
+    print(_disk_full_message(path), file=sys.stderr)
+    sys.exit(1)
   hint = "" if _debug() else "  (full traceback: --verbosity=1 or MRI_POISON_TRACEBACK=1)"
   message = _root_message(e)
   if kind == "config error" and isinstance(e, (KeyError, AttributeError)) and "did you mean" not in message.lower():

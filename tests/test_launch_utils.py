@@ -1,7 +1,10 @@
 """Launchers: --help lists the variants, --print_config shows comments, errors are one line (exit codes)."""
+import errno
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,3 +56,35 @@ def test_main_job_print_config_keeps_each_studys_comments():
   assert any(l.startswith("stages = ('robustify', 'poison', 'deform', 'unlearnable')") for l in lines)
   assert any(l.startswith("robustify.attack.eps = ") and "z-score" in l for l in lines)
   assert any(l.startswith("poison.sweep.ks = ") and "synthetic shares" in l for l in lines)
+
+
+_FILLS_THE_DISK = """
+from absl import flags
+from experiments import launch_utils
+flags.DEFINE_string("workdir", "", "")
+
+def main(argv):
+  try:
+    with open("/dev/full", "w") as f:  # every write: ENOSPC, as on a full disk
+      f.write("checkpoint bytes")
+      f.flush()
+  except OSError as e:  # a checkpoint library wraps it in its own error with a multi-line message
+    raise ValueError("save failed\\n  Traceback (most recent call last): ...\\n" + str(e)) from e
+
+launch_utils.run_plain(main)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to make a real ENOSPC")
+def test_a_full_disk_is_one_line_naming_the_folder(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "MRI_POISON_TRACEBACK"}
+  out = subprocess.run([sys.executable, "-c", _FILLS_THE_DISK, f"--workdir={tmp_path}/run"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  err = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(err) == 1 and err[0].startswith(f"error: the disk is full writing {tmp_path}/run (") and \
+      "MiB free there" in err[0], err
+  from experiments import launch_utils
+  assert launch_utils._disk_full(ValueError("write: [Errno 28] No space left on device")) == (True, None)
+  assert launch_utils._disk_full(OSError(errno.EDQUOT, "quota", "/x/ckpt")) == (True, "/x/ckpt")
+  assert launch_utils._disk_full(OSError(errno.ENOENT, "gone", "/x")) == (False, None)
