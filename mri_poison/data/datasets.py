@@ -78,7 +78,9 @@ def describe_source(data_cfg) -> str:
   """The data a config reads, in words, for reports (names the phantom version and its non-default knobs)."""
   source = str(data_cfg.source)
   if source != "phantom":
+    spacing = tuple(float(s) for s in (_folder_setting(data_cfg, "spacing") or ())) if source == "brats" else ()
     return (f"`{source}` data" + (f" from `{data_cfg.root}`" if data_cfg.get("root") else "")
+            + (f", brains resampled to {'x'.join(f'{s:g}' for s in spacing)} mm (data.spacing)" if spacing else "")
             + " (the case ids of every split, each input file's SHA-256 and what preprocessing did to each scan: "
             "`data.json`)")
   version, options = phantom_options(data_cfg)

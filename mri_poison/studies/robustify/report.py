@@ -91,7 +91,7 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
   budgets = training_budgets(config)
   warm = str(config.distill.get("init", "scratch")) == "scaled_base"
   r.bullets([
-      f"Data: `{d.source}` volumes, 4 contrasts {tuple(d.modalities)}, z-scored per contrast inside the brain "
+      f"Data: {describe_source(d)}; 4 contrasts {tuple(d.modalities)}, z-scored per contrast inside the brain "
       f"mask (background 0), cropped to the brain and padded/cropped to {tuple(d.shape)}; labels "
       "0 background, 1 necrotic/non-enhancing core, 2 oedema, 3 enhancing tumour. "
       f"{n} validation cases split off by seed {int(d.seed)}.",
@@ -386,5 +386,5 @@ def findings(config, res: dict, headline: dict) -> list[str]:
                   "show how the attacks and defences behave in this pipeline, not how robust a BraTS-trained "
                   "segmenter is (run the `brats` variant for that). The paper's numbers are on BraTS and are "
                   "quoted as the paper's, not reproduced here."
-                  if str(config.data.source) == "phantom" else f"source `{config.data.source}`."))
+                  if str(config.data.source) == "phantom" else f"{describe_source(config.data)}."))
   return out
