@@ -284,5 +284,6 @@ def test_manifest_records_the_phantom_version_and_options(tmp_path):
   assert data["phantom"]["tumour_contrast"] == 0.4 and data["phantom"]["anatomy"] == "mni152"
   config.data.phantom_version = "v1"
   assert wd.data_provenance(config) == {"source": "phantom", "phantom_version": "v1"}
-  config.data.source = "brats"
-  assert wd.data_provenance(config) == {"source": "brats"}
+  config.data.update(dict(source="brats", root=str(tmp_path / "BraTS2021"), spacing=(1.5, 1.5, 1.5)))
+  assert wd.data_provenance(config) == {"source": "brats", "root": str(tmp_path / "BraTS2021"),
+                                        "spacing": [1.5, 1.5, 1.5], "splits": "data.json"}

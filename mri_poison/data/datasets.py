@@ -6,6 +6,7 @@ the same config always gives the same split, and the phantom source, the `brats_
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -163,6 +164,18 @@ def provenance(data_cfg, splits: dict[str, list[Case]]) -> dict:
     preprocessing = {c.case_id: c.preprocessing for cases in splits.values() for c in cases if c.preprocessing}
     out.update(root=os.path.abspath(root), files=files, preprocessing=preprocessing)
   return out
+
+
+def write_provenance(workdir: str, data_cfg, splits: dict[str, list[Case]], name: str = "data") -> None:
+  """Writes `provenance(data_cfg, splits)` to <workdir>/data.json under `name` (an arm's name where a run reads
+  several data configs), keeping the other names there."""
+  path = os.path.join(workdir, "data.json")
+  record = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+  record[name] = provenance(data_cfg, splits)
+  io_utils.write_json(path, record)
 
 
 def case_sort_key(case_id: str) -> list:

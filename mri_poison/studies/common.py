@@ -111,18 +111,10 @@ def train_and_held_out(data_config, splits: dict | None, what: str = "validation
 
 
 def record_data(workdir: str, data_config, splits: dict, name: str = "data") -> None:
-  """Writes what `splits` hold (`datasets.provenance`: root, case ids per split, input file fingerprints) to
-  <workdir>/data.json under `name` (an arm's name where a study reads several data configs)."""
-  from mri_poison.data.datasets import provenance  # pylint: disable=import-outside-toplevel
-  if not workdir_lib.is_writer():
-    return
-  path = os.path.join(workdir, "data.json")
-  record = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      record = json.load(f)
-  record[name] = provenance(data_config, splits)
-  io_utils.write_json(path, record)
+  """`datasets.write_provenance` from the writing process only."""
+  from mri_poison.data.datasets import write_provenance  # pylint: disable=import-outside-toplevel
+  if workdir_lib.is_writer():
+    write_provenance(workdir, data_config, splits, name)
 
 
 # ------------------------------------------------------------------------------------------------ digests

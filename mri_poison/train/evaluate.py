@@ -189,10 +189,12 @@ def summarize(rows: list[dict]) -> dict:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """load_splits -> train_model -> evaluate the val cases -> results/val_scores.csv + results/val_summary.json."""
-  from mri_poison.data.datasets import load_splits
+  from mri_poison.data.datasets import load_splits, write_provenance
   from mri_poison.train import loop, state as state_lib
   from mri_poison.train.workdir import MetricsWriter, is_writer
   splits = load_splits(config.data)
+  if is_writer():
+    write_provenance(workdir, config.data, splits)
   apply_fn = state_lib.make_apply_fn(state_lib.make_model(config.model))
 
   def eval_fn(params, step):

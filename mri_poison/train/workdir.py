@@ -411,11 +411,17 @@ def _load_manifest(path: str) -> dict:
 
 
 def data_provenance(config) -> dict | None:
-  """What a run's data is, for manifest.json: source, and for the phantom its version and generator options."""
+  """What a run's data is, for manifest.json: source, and for the phantom its version and generator options;
+  for a folder its root and spacing. The case ids of every split and the files' hashes go to data.json."""
   data = config.get("data") if hasattr(config, "get") else None
   if data is None or "source" not in data:
     return None
   out = {"source": str(data.source)}
+  if out["source"] == "brats":
+    out.update(root=os.path.abspath(str(data.get("root") or "")), spacing=list(data.get("spacing", ())),
+               splits="data.json")
+  if out["source"] == "tfds":
+    out.update(tfds_name=str(data.get("tfds_name")), splits="data.json")
   if out["source"] in ("phantom", "tfds"):
     out["phantom_version"] = str(data.get("phantom_version", "v1"))
     if out["phantom_version"] != "v1" and data.get("phantom") is not None:
