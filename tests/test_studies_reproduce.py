@@ -170,6 +170,28 @@ def test_brats_without_a_folder_is_one_error_before_any_stage(tmp_path):
   assert not os.path.exists(workdir)
 
 
+def test_every_stages_config_and_data_are_checked_before_the_first_stage_runs(tmp_path):
+  from mri_poison.data import phantom
+  calls, workdir = [], str(tmp_path / "w")
+  runners = {"poison": _fake_study(calls), "deform": _fake_study(calls)}
+  config = _fake_config()
+  config.deform.attack.deltas = (0.2, 1.5)  # the second stage's bad key fails before the first stage starts
+  with pytest.raises(ValueError, match=r"^stage deform \(config.deform.\*\): config attack.deltas="):
+    reproduce.run(config, workdir, runners=runners)
+  phantom.write_brats_dir(str(tmp_path / "brats"), 3, naming="2021", shape=(24, 24, 24), seed=0)
+  os.remove(tmp_path / "brats" / "BraTS2021_00002" / "BraTS2021_00002_seg.nii.gz")
+  config = _fake_config()
+  config.deform.arm2d.data.update(dict(source="brats", root=str(tmp_path / "brats"), n_cases=0, n_val=1))
+  with pytest.raises(DataError, match=r"^stage deform .*BraTS2021_00002: no segmentation file"):
+    reproduce.run(config, workdir, runners=runners)
+  config.deform.arm2d.data.n_cases = 2  # the unlabelled third case is not asked for; 5 cases are too many
+  phantom.write_brats_dir(str(tmp_path / "two"), 2, naming="2021", shape=(24, 24, 24), seed=0)
+  config.poison.data.update(dict(source="brats", root=str(tmp_path / "two"), n_cases=5, n_val=1))
+  with pytest.raises(DataError, match=r"^stage poison .*data.n_cases=5, but the brats source at .* holds 2 cases"):
+    reproduce.run(config, workdir, runners=runners)
+  assert not calls and not os.path.exists(workdir)
+
+
 def test_concurrent_stages_run_in_their_own_processes_and_report_each_failure(tmp_path):
   """Two stages at once, each in a worker process: a stage's error comes back in its record and the report."""
   config = _fake_config()

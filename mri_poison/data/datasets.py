@@ -98,16 +98,54 @@ def phantom_seed(seed: int, index: int) -> int:
   return int(seed) + int(index)
 
 
+def check_source(data_cfg) -> None:
+  """The checks of `load_splits` that read no image, for a job that runs several studies and should fail before
+  the first one starts: the counts, the source, and for a folder its cases, their labels and their number."""
+  source, n_cases, n_val = str(data_cfg.source), int(data_cfg.n_cases), int(data_cfg.n_val)
+  _check_counts(n_cases, n_val)
+  _shape(data_cfg.shape, "data_cfg.shape")
+  if source not in SOURCES:
+    raise DataError(f"data_cfg.source: expected one of {SOURCES}, got {source!r}")
+  if source == "brats":
+    from mri_poison.data.loaders import label_path
+    root = str(data_cfg.root or "")
+    refs = _folder_refs(root)[:n_cases or None]
+    for ref in refs:
+      if label_path(ref) is None:
+        raise _unlabelled(ref, root)
+    _check_found(len(refs), data_cfg)
+
+
+def _check_counts(n_cases: int, n_val: int) -> None:
+  if n_cases < 0:
+    raise DataError(f"data_cfg.n_cases: expected >= 0, got {n_cases}")
+  if n_val < 0 or (n_cases and n_val >= n_cases):
+    raise DataError(f"data_cfg.n_val: expected 0 <= n_val < data_cfg.n_cases={n_cases}, got {n_val}")
+
+
+def _check_found(found: int, data_cfg) -> None:
+  """`found` cases for data.n_cases: fewer is an error (a warning with data.allow_fewer_cases=True)."""
+  source, n_cases, n_val = str(data_cfg.source), int(data_cfg.n_cases), int(data_cfg.n_val)
+  if n_cases and found < n_cases:
+    where = f"{source} source" + (f" at {data_cfg.root}" if source == "brats" else "")
+    message = (f"data.n_cases={n_cases}, but the {where} holds {found} cases: "
+               f"{found - n_val} would train and {n_val} validate instead of {n_cases - n_val} and {n_val}")
+    if not bool(_folder_setting(data_cfg, "allow_fewer_cases")):
+      raise DataError(f"{message}. Set data.n_cases <= {found} (0 = every case), or "
+                      "data.allow_fewer_cases=True to train on what is there")
+    logging.warning("%s (data.allow_fewer_cases=True: going on)", message)
+  if n_val >= found:
+    raise DataError(f"data_cfg.n_val: {n_val} validation cases leave no training case out of {found} "
+                    f"(data_cfg.n_cases={n_cases}, source={source!r})")
+
+
 def load_splits(data_cfg) -> dict[str, list[Case]]:
   """{"train": [...], "val": [...]} of cases preprocessed to `data_cfg.shape`."""
   source = str(data_cfg.source)
   n_cases, n_val = int(data_cfg.n_cases), int(data_cfg.n_val)
   shape = _shape(data_cfg.shape, "data_cfg.shape")
   modalities = tuple(data_cfg.modalities)
-  if n_cases < 0:
-    raise DataError(f"data_cfg.n_cases: expected >= 0, got {n_cases}")
-  if n_val < 0 or (n_cases and n_val >= n_cases):
-    raise DataError(f"data_cfg.n_val: expected 0 <= n_val < data_cfg.n_cases={n_cases}, got {n_val}")
+  _check_counts(n_cases, n_val)
   if source == "phantom":
     if n_cases < 1:
       raise DataError("data_cfg.n_cases: the phantom source needs n_cases >= 1")
@@ -120,20 +158,8 @@ def load_splits(data_cfg) -> dict[str, list[Case]]:
     cases = _tfds_cases(data_cfg, n_cases, shape, modalities)
   else:
     raise DataError(f"data_cfg.source: expected one of {SOURCES}, got {source!r}")
-  cases = sorted(cases, key=lambda c: case_sort_key(c.case_id))
-  if n_cases:
-    cases = cases[:n_cases]
-    if len(cases) < n_cases:
-      where = f"{source} source" + (f" at {data_cfg.root}" if source == "brats" else "")
-      message = (f"data.n_cases={n_cases}, but the {where} holds {len(cases)} cases: "
-                 f"{len(cases) - n_val} would train and {n_val} validate instead of {n_cases - n_val} and {n_val}")
-      if not bool(_folder_setting(data_cfg, "allow_fewer_cases")):
-        raise DataError(f"{message}. Set data.n_cases <= {len(cases)} (0 = every case), or "
-                        "data.allow_fewer_cases=True to train on what is there")
-      logging.warning("%s (data.allow_fewer_cases=True: going on)", message)
-  if n_val >= len(cases):
-    raise DataError(f"data_cfg.n_val: {n_val} validation cases leave no training case out of {len(cases)} "
-                    f"(data_cfg.n_cases={n_cases}, source={source!r})")
+  cases = sorted(cases, key=lambda c: case_sort_key(c.case_id))[:n_cases or None]
+  _check_found(len(cases), data_cfg)
   val_index = set(split_indices(len(cases), n_val, int(data_cfg.seed)))
   return {"train": [c for i, c in enumerate(cases) if i not in val_index],
           "val": [c for i, c in enumerate(cases) if i in val_index]}
@@ -286,20 +312,30 @@ def _preprocessing_record(scan: Case, fitted: Case, final: Case, lost: dict) -> 
           "tumour_ml_scan": round(ml(scan), 3), "tumour_ml_grid": round(ml(final), 3)}
 
 
-def _folder_cases(root, n_cases, shape, modalities, data_cfg):
+def _folder_refs(root: str) -> list[str]:
   if not root:
     raise DataError("data_cfg.root: source='brats' needs the dataset root folder")
-  from mri_poison.data.loaders import list_cases, load_case
+  from mri_poison.data.loaders import list_cases
   refs = sorted(list_cases(root))
   if not refs:
     raise DataError(f"data_cfg.root: no cases found under {root}")
+  return refs
+
+
+def _unlabelled(ref: str, root: str) -> DataError:
+  case_id = os.path.basename(os.path.normpath(ref))
+  return DataError(f"{ref}: no segmentation file (e.g. {case_id}_seg.nii.gz); training and evaluation need a label "
+                   f"for every case under data.root={root} (move unlabelled cases elsewhere)")
+
+
+def _folder_cases(root, n_cases, shape, modalities, data_cfg):
+  from mri_poison.data.loaders import load_case
   # BraTS case ids are the folder names, so the first n_cases refs are the first n_cases by id.
   cases = []
-  for ref in refs[:n_cases or None]:
+  for ref in _folder_refs(root)[:n_cases or None]:
     case = load_case(ref, modalities, allow_empty_modality=bool(data_cfg.get("allow_empty_modality", False)))
     if case.label is None:
-      raise DataError(f"{ref}: no segmentation file (e.g. {case.case_id}_seg.nii.gz); training and evaluation need "
-                      f"a label for every case under data.root={root} (move unlabelled cases elsewhere)")
+      raise _unlabelled(ref, root)
     cases.append(select_modalities(fit_to_grid(case, shape, data_cfg), modalities, f"data_cfg.root={root}"))
   return cases
 

@@ -171,6 +171,15 @@ def case_files(ref: str | os.PathLike) -> tuple[str, list[str]]:
   return _strip_ext(os.path.basename(ref)), [ref] + ([label] if label else [])
 
 
+def label_path(ref: str | os.PathLike) -> str | None:
+  """The segmentation file of a `list_cases` reference, or None when it has none (nothing is read)."""
+  ref = os.fspath(ref)
+  if not os.path.isdir(ref):
+    return msd_label_path(ref)
+  naming = _detect_naming(ref)
+  return _find_file(ref, os.path.basename(os.path.normpath(ref)), naming, "seg", required=False) if naming else None
+
+
 def load_case(ref: str | os.PathLike, modalities: Sequence[str] = MODALITIES, *,
               allow_empty_modality: bool = False) -> Case:
   """Loads a `list_cases` reference: a BraTS case folder, or an MSD image file (with its labelsTr label if any)."""

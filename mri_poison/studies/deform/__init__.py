@@ -10,4 +10,4 @@ declared primary family), figures, NIfTI volumes and report.md. A rerun reuses m
 
 Modules: training (arms, held-out data, models), evaluation (cells, statistics), report, study (`run`).
 """
-from mri_poison.studies.deform.study import RESUMABLE_KEYS, run
+from mri_poison.studies.deform.study import RESUMABLE_KEYS, check, run

@@ -13,6 +13,7 @@ from mri_poison import io_utils
 from mri_poison.attacks import deform
 from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import nifti
+from mri_poison.data.datasets import check_source
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.deform import evaluation as ev
@@ -22,6 +23,14 @@ from mri_poison.train import state as state_lib
 
 # Keys that only add results: another Delta, eps, attack, batch or example changes cells, never a model.
 RESUMABLE_KEYS = ("attack.", "eval.", "gate.", "variant")
+
+
+def check(config) -> None:
+  """What `run` checks before it writes anything, reading no image: the config, and each data source it reads
+  (a folder's cases, labels and count). The main job calls it for every stage before the first one starts."""
+  _check_config(config)
+  for data_config in (training.arm_config(config, arm).data for arm in config.arms):
+    check_source(data_config)
 
 
 def _check_config(config) -> None:

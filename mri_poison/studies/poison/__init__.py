@@ -8,5 +8,5 @@ synthesises the target contrast (T1-Ce) of every case, builds training sets whos
 (Wilcoxon, Holm, bootstrap CIs), measures how detectable the synthetic slices are (`mri_poison.poison.detect`)
 and writes results/poison_sweep.csv, figures and report.md. `run_gan` (module `translator`) is the GAN alone.
 """
-from mri_poison.studies.poison.study import PAPER, RESUMABLE_KEYS, run
+from mri_poison.studies.poison.study import PAPER, RESUMABLE_KEYS, check, run
 from mri_poison.studies.poison.translator import run_gan

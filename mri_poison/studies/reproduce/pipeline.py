@@ -59,6 +59,12 @@ def _check_config(config) -> None:
     key = "data_root" if "data_root" in config else f"{rootless[0]}.data.root"
     raise DataError(f"config {key}: stage(s) {', '.join(rootless)} read a BraTS folder and none was given "
                     f"(--config.{key}=/path/to/BraTS2021)")
+  # Every stage's config and data source, before the first stage runs: not a bad key found after an hour.
+  for name in stages:
+    try:
+      importlib.import_module(f"mri_poison.studies.{name}").check(config[name])
+    except ValueError as e:  # DataError included: the message gains the stage, so the key reads config.<stage>.*
+      raise type(e)(f"stage {name} (config.{name}.*): {e}") from e
 
 
 def _record_path(workdir: str, name: str) -> str:

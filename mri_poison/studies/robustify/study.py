@@ -17,6 +17,7 @@ from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import figures
 from mri_poison.report import nifti
 from mri_poison.report import tables
+from mri_poison.data.datasets import check_source
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.robustify import evaluation as ev
@@ -32,6 +33,14 @@ RESUMABLE_KEYS = ("attack.", "eval.", "gate.")
 
 
 # ------------------------------------------------------------------------------------------------ config
+
+
+def check(config) -> None:
+  """What `run` checks before it writes anything, reading no image: the config, and each data source it reads
+  (a folder's cases, labels and count). The main job calls it for every stage before the first one starts."""
+  _check_config(config)
+  for data_config in (config.data,):
+    check_source(data_config)
 
 
 def _check_config(config) -> None:

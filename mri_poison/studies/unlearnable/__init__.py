@@ -23,4 +23,4 @@ With config.phase_map.enabled, `phase_map.run` then maps the victim Dice drop ov
 Modules: counter (the counter-measures), study (`run`), report (tables, figures, report.md), phase_map.
 """
 from mri_poison.studies.unlearnable.counter import REGIMES
-from mri_poison.studies.unlearnable.study import RESUMABLE_KEYS, run
+from mri_poison.studies.unlearnable.study import RESUMABLE_KEYS, check, run
