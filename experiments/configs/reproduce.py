@@ -15,6 +15,9 @@ Variants:
   test     CPU, about 4 minutes (218 s on 2 cores): every study at toy size (the pipeline test and the end-to-end
            tests of studies 2 and 3 read this run; numbers mean little).
   brats    GPU: every study's `brats` variant on the BraTS folder at --config.data_root (full size, hours).
+  ceiling  CPU bench (experiments/bench/ceiling.py): the main job's data and victims, each victim trained
+           CEILING_FACTOR x longer, attacks and protections cut to one cheap cell: how much of the task the main
+           job's victims learnt (each stage's gate table, side by side with the main job's in RESULTS.md).
 Each stage's settings are its study's (experiments/configs/<study>.py); defaults chosen here are marked there.
 """
 import ml_collections
@@ -25,11 +28,12 @@ from experiments.configs import poison as poison_config
 from experiments.configs import robustify as robustify_config
 from experiments.configs import unlearnable as unlearnable_config
 
-VARIANTS = ("phantom", "test", "brats")
+VARIANTS = ("phantom", "test", "brats", "ceiling")
+CEILING_FACTOR = 4  # the ceiling variant trains every study's clean victim this many times the main job's steps
 # Stage name -> the study's config module (experiments/configs/<...>.py) and its launcher.
 STUDY_CONFIGS = {"robustify": robustify_config, "poison": poison_config, "deform": deform_config,
                  "unlearnable": unlearnable_config}
-STUDY_VARIANT = {"phantom": "runlocal", "test": "runlocal", "brats": "brats"}
+STUDY_VARIANT = {"phantom": "runlocal", "test": "runlocal", "brats": "brats", "ceiling": "runlocal"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,8 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data_root = ""  # BraTS folder for the brats variant (copied into every stage's data.root)
   for name, module in STUDY_CONFIGS.items():
     config[name] = module.get_config(STUDY_VARIANT[variant])
-  if variant == "phantom":
+  if variant in ("phantom", "ceiling"):
     _main_job_sizes(config)
+  if variant == "ceiling":
+    _ceiling_sizes(config, CEILING_FACTOR)
   if variant == "test":
     _toy_sizes(config)
   if variant == "brats":
@@ -68,6 +74,31 @@ def _main_job_sizes(config) -> None:
   # are left to their variants.
   u.counter.update(dict(regimes=("standard",), methods=()))
   u.protect.fractions = (1.0,)
+
+
+def _ceiling_sizes(config, factor: int) -> None:
+  """The main job's data and clean victims trained `factor` x longer (same schedule shape); everything after the
+  victim is cut to one cheap cell, so that a stage's cost is its victim's training and its gate table."""
+  r = config.robustify
+  r.train.update(dict(steps=factor * int(r.train.steps), ckpt_every=factor * int(r.train.ckpt_every)))
+  r.distill.steps = r.adversarial.train_steps = 1  # the defences are not what this variant measures
+  r.attack.update(dict(attacks=("fgsm",), eps=(0.2,)))
+  r.eval.update(dict(reference_eps=0.2, example_eps=0.2))
+
+  p = config.poison
+  p.train.update(dict(steps=factor * int(p.train.steps), ckpt_every=factor * int(p.train.ckpt_every)))
+  p.sweep.update(dict(ks=(0, 5), modes=("replace",)))  # k = 0 is the victim; k = 5 keeps the sweep's shape
+
+  d = config.deform
+  d.arm2d.train.update(dict(steps=factor * int(d.arm2d.train.steps)))
+  d.generator.enabled = False
+  d.defence.arms = ()
+  d.attack.update(dict(deltas=(0.1,), gradient_attacks=()))
+
+  u = config.unlearnable
+  u.train.update(dict(steps=factor * int(u.train.steps), ckpt_every=factor * int(u.train.ckpt_every)))
+  u.protect.update(dict(methods=("none", "random"), partial_method="random", sweep_eps=()))
+  u.replicates.methods = ()
 
 
 def _toy_sizes(config) -> None:
