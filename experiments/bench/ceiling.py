@@ -6,7 +6,7 @@ victim check (results/gate.csv: Dice on the held-out cases that contain each reg
 baseline) beside the same table of a finished main job:
 
   python -m experiments.reproduce --workdir runs/reproduce          # the main job, if not run yet (~16 min)
-  python -m experiments.bench.ceiling --main_workdir runs/reproduce --workdir runs/ceiling   # ~25 min, 2 cores
+  python -m experiments.bench.ceiling --main_workdir runs/reproduce --workdir runs/ceiling   # ~12 min, 2 cores
 
 Writes <workdir>/ceiling.csv and ceiling.md. Re-running reuses the finished ceiling stages.
 """

@@ -15,9 +15,9 @@ Variants:
   test     CPU, about 4 minutes (218 s on 2 cores): every study at toy size (the pipeline test and the end-to-end
            tests of studies 2 and 3 read this run; numbers mean little).
   brats    GPU: every study's `brats` variant on the BraTS folder at --config.data_root (full size, hours).
-  ceiling  CPU bench (experiments/bench/ceiling.py): the main job's data and victims, each victim trained
-           CEILING_FACTOR x longer, attacks and protections cut to one cheap cell: how much of the task the main
-           job's victims learnt (each stage's gate table, side by side with the main job's in RESULTS.md).
+  ceiling  CPU bench (experiments/bench/ceiling.py, about 12 min on 2 cores): the main job's data and victims,
+           each victim trained CEILING_FACTOR x longer, attacks and protections cut to one cheap cell: how much
+           of the task the main job's victims learnt (each stage's gate table beside the main job's, RESULTS.md).
 Each stage's settings are its study's (experiments/configs/<study>.py); defaults chosen here are marked there.
 """
 import ml_collections
