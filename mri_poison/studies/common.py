@@ -110,6 +110,16 @@ def train_and_held_out(data_config, splits: dict | None, what: str = "validation
   return train, held_out
 
 
+def check_study(config, check_config, data_configs) -> None:
+  """What a study's `run` checks before it writes anything, reading no image: `check_config(config)`, then each
+  data source it reads (`datasets.check_source`: a folder's cases, labels and count). The main job calls every
+  stage's `check` before the first stage starts."""
+  from mri_poison.data.datasets import check_source  # pylint: disable=import-outside-toplevel
+  check_config(config)
+  for data_config in data_configs:
+    check_source(data_config)
+
+
 def record_data(workdir: str, data_config, splits: dict, name: str = "data") -> None:
   """`datasets.write_provenance` from the writing process only."""
   from mri_poison.data.datasets import write_provenance  # pylint: disable=import-outside-toplevel

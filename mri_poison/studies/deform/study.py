@@ -13,7 +13,6 @@ from mri_poison import io_utils
 from mri_poison.attacks import deform
 from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import nifti
-from mri_poison.data.datasets import check_source
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.deform import evaluation as ev
@@ -26,11 +25,8 @@ RESUMABLE_KEYS = ("attack.", "eval.", "gate.", "variant")
 
 
 def check(config) -> None:
-  """What `run` checks before it writes anything, reading no image: the config, and each data source it reads
-  (a folder's cases, labels and count). The main job calls it for every stage before the first one starts."""
-  _check_config(config)
-  for data_config in (training.arm_config(config, arm).data for arm in config.arms):
-    check_source(data_config)
+  """`common.check_study`: the config and the data sources, before anything is written."""
+  common.check_study(config, _check_config, (training.arm_config(config, arm).data for arm in config.arms))
 
 
 def _check_config(config) -> None:

@@ -12,7 +12,6 @@ from mri_poison.data.case import REGIONS
 from mri_poison.poison import detect
 from mri_poison.poison import mixing
 from mri_poison.poison import translation
-from mri_poison.data.datasets import check_source
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.poison import evaluation
@@ -27,11 +26,8 @@ PAPER = {2: 0.8937, 5: 0.7474}  # the seed paper's mean Dice at 33.33 % and 83.3
 
 
 def check(config) -> None:
-  """What `run` checks before it writes anything, reading no image: the config, and each data source it reads
-  (a folder's cases, labels and count). The main job calls it for every stage before the first one starts."""
-  _check_config(config)
-  for data_config in (config.data,):
-    check_source(data_config)
+  """`common.check_study`: the config and the data sources, before anything is written."""
+  common.check_study(config, _check_config, (config.data,))
 
 
 def _check_config(config) -> None:

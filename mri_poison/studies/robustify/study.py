@@ -17,7 +17,6 @@ from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import figures
 from mri_poison.report import nifti
 from mri_poison.report import tables
-from mri_poison.data.datasets import check_source
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.robustify import evaluation as ev
@@ -36,11 +35,8 @@ RESUMABLE_KEYS = ("attack.", "eval.", "gate.")
 
 
 def check(config) -> None:
-  """What `run` checks before it writes anything, reading no image: the config, and each data source it reads
-  (a folder's cases, labels and count). The main job calls it for every stage before the first one starts."""
-  _check_config(config)
-  for data_config in (config.data,):
-    check_source(data_config)
+  """`common.check_study`: the config and the data sources, before anything is written."""
+  common.check_study(config, _check_config, (config.data,))
 
 
 def _check_config(config) -> None:

@@ -16,7 +16,6 @@ from mri_poison import io_utils, metrics
 from mri_poison.ops import morphology
 from mri_poison.poison import protected_io
 from mri_poison.poison import unlearnable as ul
-from mri_poison.data.datasets import check_source
 from mri_poison.studies import common
 from mri_poison.studies.unlearnable import counter
 from mri_poison.train import loop as train_loop
@@ -35,11 +34,8 @@ QUALITY = ("psnr", "ssim", "share_roi", "share_band", "linf_scaled")
 
 
 def check(config) -> None:
-  """What `run` checks before it writes anything, reading no image: the config, and each data source it reads
-  (a folder's cases, labels and count). The main job calls it for every stage before the first one starts."""
-  _check_config(config)
-  for data_config in (config.data,):
-    check_source(data_config)
+  """`common.check_study`: the config and the data sources, before anything is written."""
+  common.check_study(config, _check_config, (config.data,))
 
 
 def _check_config(config) -> None:
