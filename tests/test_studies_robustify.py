@@ -15,7 +15,6 @@ from experiments.configs import robustify as robustify_config
 from mri_poison.studies import common
 from mri_poison.studies import robustify
 from mri_poison import metrics
-from mri_poison.data.case import DataError
 from mri_poison.defenses import adversarial
 from mri_poison.studies.robustify import evaluation
 from mri_poison.studies.robustify import study as study_lib
@@ -460,45 +459,3 @@ def test_deployed_sliding_window_path():
                                                                   c).items()}
   plain = _tiny_config()
   assert set(keyed(plain).values()).isdisjoint(keyed(config).values())
-
-
-def _brats_folder_at_1mm(root, n_cases: int) -> None:
-  """A BraTS 2021 folder of 128^3 cases at 1 mm (phantom heads of 64^3 written at twice the resolution)."""
-  from mri_poison.data import phantom
-  for case_dir in phantom.write_brats_dir(str(root), n_cases, naming="2021", shape=(64, 64, 64), seed=0):
-    for name in os.listdir(case_dir):
-      path = os.path.join(case_dir, name)
-      scan = np.asarray(nib.load(path).dataobj)
-      affine = np.eye(4)
-      affine[:3, 3] = -64.0
-      nib.save(nib.Nifti1Image(scan.repeat(2, 0).repeat(2, 1).repeat(2, 2), affine), path)
-
-
-def test_runlocal_on_a_1mm_brats_folder_resamples_every_case_and_refuses_a_crop(tmp_path):
-  _brats_folder_at_1mm(tmp_path / "brats", 3)
-  config = robustify_config.get_config("runlocal")
-  config.data.update(dict(source="brats", root=str(tmp_path / "brats"), n_cases=0, n_val=1,
-                          shape=(16, 16, 16), patch_shape=(16, 16, 16)))  # runlocal's sizes for the tests' 16^3
-  config.model.features = (4, 8)
-  config.train.update(dict(steps=2, ckpt_every=2, log_every=1))
-  config.distill.steps = config.adversarial.train_steps = 1
-  config.attack.update(dict(attacks=("fgsm",), eps=(0.1,), batch=1))
-  # At the scans' own 1 mm the ~110 mm brains would be cut to 16 mm: one line naming the case and the key.
-  with pytest.raises(DataError, match=r"^case BraTS2021_00000: its brain \(\d+x\d+x\d+ voxels of 1x1x1 mm\) does "
-                                     r"not fit data.shape=\(16, 16, 16\).*data.spacing=\([78]\.\d\d, .*or coarser") as error:
-    robustify.run(config, str(tmp_path / "at_1mm"))
-  assert "\n" not in str(error.value) and not os.listdir(tmp_path / "at_1mm")  # nothing written yet
-
-  config.data.spacing = (8.0, 8.0, 8.0)
-  workdir = tmp_path / "at_8mm"
-  robustify.run(config, str(workdir))
-  with open(workdir / "data.json") as f:
-    data = json.load(f)["data"]
-  assert data["root"] == str(tmp_path / "brats") and sorted(data["preprocessing"]) == sorted(data["files"])
-  for case_id, done in data["preprocessing"].items():
-    assert done["scan_shape"] == [128, 128, 128] and done["scan_spacing_mm"] == [1.0, 1.0, 1.0], case_id
-    assert np.allclose(done["resample_step"], 8.0, atol=0.5) and done["grid"] == [16, 16, 16]
-    # The pad to the grid drops nothing; the tumour's volume changes only by resampling's rounding.
-    assert done["brain_kept"] == done["tumour_kept"] == 1.0
-    assert done["tumour_ml_grid"] == pytest.approx(done["tumour_ml_scan"], rel=0.15), case_id
-  assert f"from `{tmp_path / 'brats'}`, brains resampled to 8x8x8 mm" in (workdir / "report.md").read_text()
