@@ -28,8 +28,8 @@ MAIN_JOB_MODULES = ("test_studies_reproduce.py", "test_studies_robustify.py", "t
 # Modules by measured time, longest first (2 cores, cold caches, 2026-12-07): handing the long ones out first
 # keeps one worker from finishing minutes after the other. Modules not listed follow in collection order.
 SLOWEST_FIRST = MAIN_JOB_MODULES + (
-    "test_multihost.py", "test_models_conv.py", "test_poison_unlearnable.py", "test_attacks_deform.py",
-    "test_train.py", "test_studies_poison.py", "test_defenses.py", "test_unet.py",
+    "test_multihost.py", "test_models_conv.py", "test_poison_unlearnable.py", "test_datasets.py",
+    "test_attacks_deform.py", "test_train.py", "test_studies_poison.py", "test_defenses.py", "test_unet.py",
     "test_bench_gpu_check.py", "test_readme.py", "test_studies_unlearnable.py", "test_evaluate.py",
     "test_parts.py", "test_phantom_v2.py")
 
