@@ -194,14 +194,20 @@ def test_every_stages_config_and_data_are_checked_before_the_first_stage_runs(tm
 
 def test_concurrent_stages_run_in_their_own_processes_and_report_each_failure(tmp_path):
   """Two stages at once, each in a worker process: a stage's error comes back in its record and the report."""
+  from mri_poison.data import phantom
   config = _fake_config()
   config.concurrent_stages = 2
-  for name in config.stages:
-    config[name].data.update(dict(source="brats", root=str(tmp_path / f"no_{name}_folder")))
+  for name in config.stages:  # folders that pass the up-front check (cases, labels, count) and fail to load
+    root = tmp_path / f"bad_{name}"
+    for case_dir in phantom.write_brats_dir(str(root), 2, naming="2021", shape=(24, 24, 24), seed=0):
+      t1ce = os.path.join(case_dir, os.path.basename(case_dir) + "_t1ce.nii.gz")
+      with open(t1ce, "r+b") as f:
+        f.truncate(100)
+    config[name].data.update(dict(source="brats", root=str(root), n_cases=0, n_val=1))
   with pytest.raises(reproduce.StageFailed) as failed:
     reproduce.run(config, str(tmp_path / "w"))
   for name in config.stages:
-    assert f"no_{name}_folder" in str(failed.value)
+    assert f"bad_{name}" in str(failed.value)
     record = json.load(open(tmp_path / "w" / "stages" / f"{name}.json"))
     assert record["status"] == "failed" and record["error"].startswith("DataError") and record["seconds"] > 0
   report = open(tmp_path / "w" / "report.md").read()
