@@ -1,5 +1,5 @@
 """load_splits: deterministic splits of preprocessed cases from the phantom and a BraTS folder; config errors;
-a study on a 1 mm BraTS folder (every case resampled, a crop refused)."""
+what preprocessing did to each scan; a study on a 1 mm BraTS folder (every case resampled, a crop refused)."""
 import hashlib
 import json
 import os
@@ -167,8 +167,9 @@ def test_runlocal_on_a_1mm_brats_folder_resamples_every_case_and_refuses_a_crop(
   config.distill.steps = config.adversarial.train_steps = 1
   config.attack.update(dict(attacks=("fgsm",), eps=(0.1,), batch=1))
   # At the scans' own 1 mm the ~110 mm brains would be cut to 16 mm: one line naming the case and the key.
-  with pytest.raises(DataError, match=r"^case BraTS2021_00000: its brain \(\d+x\d+x\d+ voxels of 1x1x1 mm\) does "
-                                     r"not fit data.shape=\(16, 16, 16\).*data.spacing=\([78]\.\d\d, .*or coarser") as error:
+  refused = (r"^case BraTS2021_00000: its brain \(\d+x\d+x\d+ voxels of 1x1x1 mm\) does not fit "
+             r"data.shape=\(16, 16, 16\).*data.spacing=\([78]\.\d\d, .*or coarser")
+  with pytest.raises(DataError, match=refused) as error:
     robustify.run(config, str(tmp_path / "at_1mm"))
   assert "\n" not in str(error.value) and not os.listdir(tmp_path / "at_1mm")  # nothing written yet
 

@@ -1,4 +1,5 @@
-"""Launchers: --help lists the variants, --print_config shows comments, errors are one line (exit codes)."""
+"""Launchers: --help lists the variants, --print_config shows comments, errors are one line (exit codes), a
+full disk too."""
 import errno
 import os
 import subprocess
