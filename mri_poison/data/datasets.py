@@ -308,7 +308,8 @@ def _preprocessing_record(scan: Case, fitted: Case, final: Case, lost: dict) -> 
           "spacing_mm": rounded(fitted.spacing),
           "resample_step": rounded(np.asarray(fitted.spacing) / np.asarray(scan.spacing)),
           "grid": list(final.shape),
-          "brain_kept": round(1.0 - lost.get("brain", 0.0), 6), "tumour_kept": round(1.0 - lost.get("tumour", 0.0), 6),
+          "brain_kept": round(float(1.0 - lost.get("brain", 0.0)), 6),
+          "tumour_kept": round(float(1.0 - lost.get("tumour", 0.0)), 6),
           "tumour_ml_scan": round(ml(scan), 3), "tumour_ml_grid": round(ml(final), 3)}
 
 
