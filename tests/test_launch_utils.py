@@ -89,3 +89,10 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path):
   assert launch_utils._disk_full(ValueError("write: [Errno 28] No space left on device")) == (True, None)
   assert launch_utils._disk_full(OSError(errno.EDQUOT, "quota", "/x/ckpt")) == (True, "/x/ckpt")
   assert launch_utils._disk_full(OSError(errno.ENOENT, "gone", "/x")) == (False, None)
+
+
+def test_commands_without_a_config_file_show_help_and_exit_zero():
+  out = subprocess.run([sys.executable, "-m", "experiments.make_phantom", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "--out" in out.stdout and "Flags:" in out.stdout
