@@ -17,26 +17,25 @@ def _run(out_dir, *flags, timeout=900):
 
 
 def test_dry_run_within_its_budget(tmp_path):
-  """Two jobs (the full dry run, 14 jobs, is ~6 min of compiles: `python -m experiments.bench.gpu_check
-  --dry_run`) and a third under a budget that does not fit it: jobs that run are ok with numbers, the rest are
-  skipped or stopped at their cap saying why, and the command returns within its budget."""
-  # unet128 and pgd take ~25 s each on 2 loaded cores (their compiles); the study smoke (~100 s cold) gets what
-  # is left, which never fits it.
-  budget = 65.0
-  proc, summary, wall = _run(tmp_path, f"--budget_s={budget}", "--only=unet128,pgd,study_unlearnable")
+  """Two jobs run to the end (the full dry run, 14 jobs, is ~6 min of compiles: `python -m
+  experiments.bench.gpu_check --dry_run`), and a job that does not fit a budget is skipped saying why: the
+  command returns within its budget either way."""
+  # unet128 and pgd take ~25 s each on 2 loaded cores (their compiles); 120 s leaves each its whole 60 s cap, so a
+  # loaded machine slows them without stopping them.
+  budget = 120.0
+  proc, summary, wall = _run(tmp_path, f"--budget_s={budget}", "--only=unet128,pgd")
   assert wall <= budget + 8, wall  # + interpreter start-up and the final write
   jobs = {j["name"]: j for j in summary["jobs"]}
-  assert len(jobs) == 3
-  # On a loaded CI machine a job may reach its (budget-shortened) cap: killed and said so, not an error (exit 0).
-  # A crash ("failed") never passes.
+  assert len(jobs) == 2
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   for name, job in jobs.items():
-    assert job["status"] in ("ok", "skipped", "timeout"), (name, job.get("reason"), job.get("stderr_tail"))
-    if job["status"] != "ok":
-      assert job["reason"], name  # torch / a GPU missing, the budget spent, the cap reached: said so
-    if job["status"] != "skipped":
-      assert 0 < job["wall_s"] <= job["cap_s"] + 1 and job["cap_s"] <= budget
-  assert jobs["unet128"]["status"] == "ok" and jobs["pgd"]["status"] == "ok"
+    assert job["status"] == "ok", (name, job.get("reason"), job.get("stderr_tail"))
+    assert 0 < job["wall_s"] <= job["cap_s"] + 1 and job["cap_s"] <= budget
+  # The study smoke (~100 s cold) under a 12 s budget (8 s of it kept for cleanup): skipped saying why, exit 0.
+  tight, short, short_wall = _run(tmp_path / "tight", "--budget_s=12", "--only=study_unlearnable")
+  (study,) = short["jobs"]
+  assert tight.returncode == 0 and short_wall <= 12 + 8
+  assert study["status"] == "skipped" and "left of the budget" in study["reason"]
   assert jobs["unet128"]["result"]["step_ms"] > 0 and jobs["unet128"]["result"]["peak"]["host_max_rss_bytes"] > 0
   assert jobs["pgd"]["result"]["pgd_ms"] > 0 and jobs["pgd"]["result"]["steps"] == 10
   ratios = summary["ratios"]
