@@ -110,11 +110,6 @@ def _changed_outputs(record: dict, stage_dir: str) -> list[str]:
   return changed
 
 
-def _reusable(record: dict | None, digest: str, stage_dir: str) -> bool:
-  return (record is not None and record.get("status") == "finished" and record.get("config_digest") == digest
-          and not _changed_outputs(record, stage_dir))
-
-
 def _error_text(e: BaseException) -> str:
   return f"{type(e).__name__}: {str(e).strip() or repr(e)}"
 
@@ -126,12 +121,13 @@ def _run_stage(name: str, sub_config, workdir: str, *, force: bool, index: int, 
   path = _record_path(workdir, name)
   record = _read_record(path)
   tag = f"[{index}/{total}] {name}"
-  if not force and _reusable(record, digest, stage_dir):
+  finished = record is not None and record.get("status") == "finished" and record.get("config_digest") == digest
+  gone = _changed_outputs(record, stage_dir) if finished and not force else []  # hashes every output once
+  if finished and not force and not gone:
     logging.info("%s: reused (finished %s, config unchanged)", tag, record["ended"])
     print(f"{tag}: reused (finished earlier in {record['seconds']:.0f} s)", flush=True)
     return dict(record, reused=True)
-  if record is not None and record.get("status") == "finished" and record.get("config_digest") == digest:
-    gone = _changed_outputs(record, stage_dir)
+  if gone:
     print(f"{tag}: {len(gone)} of its files are gone or changed since it finished ({', '.join(gone[:3])}"
           f"{', ...' if len(gone) > 3 else ''}): running it again (it reuses what is still there)", flush=True)
   if force and os.path.isdir(stage_dir):
