@@ -56,7 +56,8 @@ def test_config_variants():
     assert c.distill.temperature == 20.0 and adversarial.mix_ratio(c.adversarial) == 0.5
     assert c.adversarial.attack == "pgd"
     assert c.model.input_dtype == "float32"
-  assert set(robustify_config.get_config("brats").attack.attacks) == set(robustify.ATTACKS)
+  # The GPU config runs every attack that needs no other model (transfer_model needs a trained model's folder).
+  assert set(robustify_config.get_config("brats").attack.attacks) == set(robustify.ATTACKS) - {"transfer_model"}
   assert robustify_config.get_config("brats").eval.sliding_window
   default = robustify_config.get_config(None)
   assert default.data.n_val >= 20 and max(default.attack.eps) >= 2.0  # n for tests; a grid up to collapse
@@ -222,6 +223,56 @@ def test_extending_by_one_eps_computes_only_the_new_cells(finished_study, tmp_pa
   assert [r for r in rows if float(r["eps"]) != 0.3 and r["attack"] != "adaptive"] == kept
   adaptive = len(robustify.MODELS) * 3 * 3  # now over fgsm alone, at 3 eps
   assert len(rows) == len(kept) + len(robustify.MODELS) * len(threats) * 3 + adaptive
+
+
+def test_an_attack_from_the_zoo_joins_the_adaptive_threat_by_config_alone(finished_study, tmp_path):
+  """APGD with SEA's JS loss, named in the config only: its cells are the only new ones, the adaptive threat takes
+  it into account and results/adaptive_members.csv says what it adds."""
+  config, splits, finished, _ = finished_study
+  workdir = str(tmp_path / "study")
+  shutil.copytree(finished, workdir)
+  config = _tiny_config()
+  config.attack.update(dict(attacks=tuple(config.attack.attacks) + ("apgd_js",), apgd_steps=4))
+  headline = robustify.run(config, workdir, splits=splits)
+  assert headline["cells_computed"] == len(robustify.MODELS) * len(config.attack.eps)
+  rows = _read(os.path.join(workdir, "results", "per_case.csv"))
+  dice = {(r["model"], r["attack"], float(r["eps"]), r["case"]): float(r["dice_mean"]) for r in rows}
+  adaptive = [r for r in rows if r["attack"] == "adaptive"]
+  assert adaptive and all(float(r["dice_mean"]) <= dice[(r["model"], "apgd_js", float(r["eps"]), r["case"])]
+                          for r in adaptive)
+  members = _read(os.path.join(workdir, "results", "adaptive_members.csv"))
+  for model in robustify.MODELS:
+    own = [m for m in members if m["model"] == model]
+    assert "apgd_js" in {m["attack"] for m in own}
+    assert abs(sum(float(m["worst_fraction"]) for m in own) - 1.0) < 1e-9  # each case has one worst attack
+    assert all(float(m["mean_diff"]) >= 0 and float(m["mean_b"]) <= float(m["dice_alone"]) + 1e-12 for m in own)
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "`apgd_js`: APGD" in report and "What each attack adds to the adaptive threat" in report
+
+
+def test_transfer_from_another_trained_model(finished_study, tmp_path):
+  """attack.transfer_model replays another model's PGD examples on every victim (here the study's own `base`
+  model; any architecture works the same way); a missing model is one error before anything is written."""
+  config, splits, finished, _ = finished_study
+  workdir = str(tmp_path / "study")
+  shutil.copytree(finished, workdir)
+  config = _tiny_config()
+  config.attack.attacks = ("pgd", "transfer_model")
+  config.attack.transfer_model = str(tmp_path / "nowhere")
+  before = sorted(os.listdir(workdir))
+  with pytest.raises(ValueError, match=r"attack.transfer_model=.*nowhere.*\['transfer_model'\]"):
+    robustify.run(config, workdir, splits=splits)
+  assert sorted(os.listdir(workdir)) == before
+  config.attack.transfer_model = os.path.join(workdir, "models", "base")
+  headline = robustify.run(config, workdir, splits=splits)
+  assert headline["cells_computed"] == len(robustify.MODELS) * len(config.attack.eps)  # transfer_model's only
+  rows = _read(os.path.join(workdir, "results", "per_case.csv"))
+  got = {(r["model"], float(r["eps"]), r["case"]): float(r["dice_mean"]) for r in rows
+         if r["attack"] == "transfer_model"}
+  pgd = {(r["model"], float(r["eps"]), r["case"]): float(r["dice_mean"]) for r in rows if r["attack"] == "pgd"}
+  assert set(got) == set(pgd)
+  assert got != pgd  # other examples than each model's own PGD
+  assert "`transfer_model`'s source: `" + config.attack.transfer_model in open(os.path.join(workdir, "report.md")).read()
 
 
 def test_array_shares_compute_the_cells_and_a_last_run_reports(finished_study, tmp_path):
@@ -423,21 +474,6 @@ def test_eps_scale_per_channel_range():
   np.testing.assert_array_equal(evaluation.eps_scale(x, brain, "absolute"), np.ones((2, 1, 1, 1, 2)))
   with pytest.raises(ValueError, match="attack.eps_mode"):
     evaluation.eps_scale(x, brain, "relative")
-
-
-def test_ce_tracked_loss_has_the_attack_gradient_and_the_ce_value():
-  import jax.numpy as jnp
-  from mri_poison import losses as seg_losses
-  from mri_poison.attacks import losses as attack_losses
-  w = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)), jnp.float32)
-  apply_fn = lambda p, x: x @ p  # (B, S, 2) -> (B, S, 3) logits
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 2)), jnp.float32)
-  labels = jnp.asarray([[0, 1, 2, 0, 1], [2, 2, 1, 0, 0]])
-  inner = attack_losses.margin(attack_losses.scaled_apply(apply_fn, 4.0), w, labels)
-  tracked = evaluation.CETracked(inner, labels, None, 4.0)
-  np.testing.assert_allclose(tracked(x), seg_losses.cross_entropy(apply_fn(w, x), labels), rtol=1e-6)
-  grad = lambda f: jax.grad(lambda v: f(v).sum())(x)
-  np.testing.assert_allclose(grad(tracked), grad(inner), rtol=1e-6)
 
 
 def test_deployed_sliding_window_path():

@@ -34,6 +34,17 @@ def test_conv_impl_is_not_part_of_a_runs_identity(tmp_path):
   assert wd.check_config(str(tmp_path), other, has_checkpoints=True) == digest == wd.config_hash(make_config())
   assert "conv_impl" not in json.load(open(tmp_path / "config.json"))["config"]["model"]
 
+def test_a_key_added_later_matches_old_workdirs_only_at_its_old_meaning(tmp_path):
+  """model.name came after workdirs were written without it: "unet" (what its absence meant) resumes them."""
+  wd.write_config(str(tmp_path), make_config())
+  named = make_config()
+  named.model.name = "unet"
+  wd.check_config(str(tmp_path), named, has_checkpoints=True)
+  named.model.name = "resenc_unet"
+  with pytest.raises(wd.WorkdirError, match=r"model\.name"):
+    wd.check_config(str(tmp_path), named, has_checkpoints=True)
+
+
 def test_resume_config_rules(tmp_path):
   path = str(tmp_path)
   digest = wd.write_config(path, make_config())

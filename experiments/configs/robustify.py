@@ -19,11 +19,15 @@ Variants:
   phantom   (default) CPU, 32^3 volumes, 600 base steps + 300-step fine-tunes (clean WT / TC / ET 0.86 / 0.71 /
             0.77: every region learnt; 25 min on 2 cores, measured 2026-12-07 beside other work), 20 validation
             cases (n >= 20 for the primary tests), geometric eps grid 0.02..2 up to collapse, 3-step attacks:
-            FGSM, PGD, margin PGD, PGD at the training temperature, transfer, targeted margin; adversarial
-            training with PGD at the reference eps 0.2.
+            FGSM, PGD, margin PGD, PGD at the training temperature, transfer, targeted margin, and 10-step APGD
+            with SEA's four losses (added after the timing above); adversarial training with PGD at the
+            reference eps 0.2.
   brats     GPU: BraTS folder at --config.data.root, whole brain-cropped volumes (192 x 192 x 160) attacked and
             scored through Gaussian-blended sliding-window inference with 128^3 windows (as deployed),
-            bfloat16 U-Net with a float32 first layer, N = 10 attack steps, every attack, 8 eps.
+            bfloat16 U-Net with a float32 first layer, N = 10 attack steps (APGD: 50), every attack, 8 eps.
+Attacks are chosen by name from the attack zoo (mri_poison/attacks/zoo/), the victim by model.name ("unet" |
+"resenc_unet"); "transfer_model" replays the PGD examples of another trained model (attack.transfer_model, any
+architecture), e.g. a run with the other victim: --config.attack.transfer_model=<workdir>/models/undefended.
 Every setting below that the paper (arXiv 1908.00656) leaves open is a default chosen here. The adaptive
 threat (per volume, the worst of every attack run on a model) is derived from the single attacks, so it is as
 strong as the attack list: keep "margin", "pgd_temp" and "transfer" in it when judging a defence.
@@ -45,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = default_data_config()
   config.data.update(dict(mode="3d", fg_fraction=0.5))
   config.model = ml_collections.ConfigDict(dict(
+      name="unet",  # the victim: "unet" | "resenc_unet" (mri_poison.models.VICTIMS)
       features=(8, 16, 32), out_channels=4, norm="instance", activation="leaky_relu", dropout=0.0,
       dtype="float32", input_dtype="float32", deep_supervision=False,  # input_dtype: first conv in float32
       conv_impl="auto"))  # auto | xla | folded: how convs are computed (folded 3D convs on CPU); same params
@@ -62,17 +67,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       steps=0))  # 0 -> train.steps // 2 from "scaled_base", train.steps from scratch
   config.attack = ml_collections.ConfigDict(dict(
       attacks=("fgsm", "ifgsm", "ifgsm_targeted", "pgd", "segpgd", "cospgd", "margin", "pgd_temp", "transfer",
-               "targeted_margin"),
+               "targeted_margin", "apgd_ce", "apgd_js", "apgd_mce", "apgd_bmce"),  # mri_poison/attacks/zoo/
       # L-inf, z-score units, brain voxels only; a geometric grid up to collapse (*default chosen here*; the
       # paper's grid is not given).
       eps=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
       eps_mode="absolute",  # "absolute": eps in z-score units; "per_channel_range": eps x each case's per-channel
                             # intensity range over its brain voxels (eps is then a fraction of that range)
       steps=5,  # iterations N of the iterative attacks
+      apgd_steps=0,  # APGD's iterations (SEA's losses); 0 -> steps (*default chosen here*; SEA runs 300 per loss)
       step_frac=0.5,  # step size alpha = step_frac * eps (N alpha = 2.5 eps: the steps can cross the ball)
       restarts=1,  # PGD / SegPGD / CosPGD / margin random restarts
       margin_kappa=0.0,  # margin / targeted margin: stop rewarding a voxel once it is wrong / on target by kappa
       target="erase_tumour",  # targeted attacks' target: "erase_tumour" | "et_to_oedema" | "least_likely"
+      transfer_model="",  # attack "transfer_model": a trained model folder (any architecture, e.g. another run's
+                          # models/undefended) whose PGD examples are replayed on every victim
       batch=10,  # validation volumes attacked together
       eps_chunk=0,  # 0: all eps in one vmap; k: k eps at a time (bounded memory at full size)
       seed=0))
@@ -115,8 +123,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.update(dict(n_cases=50, n_val=20, phantom_shape=(48, 48, 48), shape=(32, 32, 32), patch_shape=(32, 32, 32),
                   batch_size=2, read_threads=2))
     t.update(dict(steps=600, ckpt_every=200, log_every=50))
-    a.update(dict(attacks=("fgsm", "pgd", "margin", "pgd_temp", "transfer", "targeted_margin"),
-                  eps=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), steps=3, step_frac=0.8))
+    # APGD with SEA's four losses joins the adaptive threat, with 10 steps (3 would leave its step-size schedule
+    # no room): results/adaptive_members.csv says whether it finds lower Dice than PGD and margin.
+    a.update(dict(attacks=("fgsm", "pgd", "margin", "pgd_temp", "transfer", "targeted_margin", "apgd_ce", "apgd_js",
+                           "apgd_mce", "apgd_bmce"),
+                  eps=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), steps=3, step_frac=0.8, apgd_steps=10))
   elif variant == "brats":
     # Whole brain-cropped volumes (the BraTS brain's bounding box fits 192 x 192 x 160, so no reference label
     # is cropped away), attacked and scored through sliding-window inference with training-size windows.
@@ -124,7 +135,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   shape=(192, 192, 160), patch_shape=(128, 128, 128), batch_size=2, read_threads=8, prefetch=8))
     m.update(dict(features=(32, 64, 128, 256, 320), dtype="bfloat16", input_dtype="float32"))
     t.update(dict(steps=30000, lr=1e-3, warmup_steps=500, log_every=100, ckpt_every=1000))
-    a.update(dict(eps=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), steps=10, step_frac=0.25, batch=1, eps_chunk=1))
+    a.update(dict(eps=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), steps=10, step_frac=0.25, batch=1, eps_chunk=1,
+                  apgd_steps=50))
     config.eval.update(dict(n_volumes=3, sliding_window=True, window=(128, 128, 128), overlap=0.5, window_batch=2,
                             reference_eps=0.1, example_eps=0.1))
     config.adversarial.update(dict(eps=0.1, steps=5, step_frac=0.5, train_steps=10000))

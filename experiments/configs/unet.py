@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.variant = arg or "runlocal"
   config.data = default_data_config()
   config.model = ml_collections.ConfigDict(dict(
+      name="unet",  # the segmenter: "unet" | "resenc_unet" (mri_poison.models.VICTIMS)
       features=(16, 32, 64, 128), out_channels=4, norm="instance", activation="leaky_relu", dropout=0.0,
       dtype="float32", deep_supervision=False,
       conv_impl="auto",  # auto | xla | folded: how convs are computed (folded 3D convs on CPU); same params

@@ -260,3 +260,6 @@ class UNet(nn.Module):
     n = x.ndim - 2
     y = Conv(self.out_channels, (1,) * n, dtype=self.dtype, impl=self.conv_impl, name=name)(x)
     return y.astype(jnp.float32)
+
+
+Model = UNet  # `mri_poison.models.get_model("unet", ...)`

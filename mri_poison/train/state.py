@@ -31,19 +31,19 @@ def compute_dtype(name, key: str = "model.dtype") -> Any:
 
 
 def make_model(model_cfg) -> nn.Module:
-  """`mri_poison.models.unet.UNet` from `config.model` (dtype / input_dtype given by name, e.g. "bfloat16")."""
-  from mri_poison.models.unet import UNet
+  """The victim `config.model` names (`mri_poison.models.get_model`; "unet" when it names none), its dtypes
+  given by name (e.g. "bfloat16")."""
+  from mri_poison import models
   kwargs = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-  if "features" in kwargs:
-    kwargs["features"] = tuple(int(f) for f in kwargs["features"])
+  name = str(kwargs.pop("name", "unet"))
+  for key in ("features", "blocks"):
+    if key in kwargs:
+      kwargs[key] = tuple(int(f) for f in kwargs[key])
   if "dtype" in kwargs:
     kwargs["dtype"] = compute_dtype(kwargs["dtype"])
-  if "input_dtype" in kwargs:  # absent in older configs: the UNet's default (float32 first layer)
+  if "input_dtype" in kwargs:  # absent in older configs: the model's default (float32 first layer)
     kwargs["input_dtype"] = compute_dtype(kwargs["input_dtype"], "model.input_dtype")
-  try:
-    return UNet(**kwargs)
-  except TypeError as e:
-    raise ValueError(f"config model: {e} (keys given: {sorted(kwargs)})") from e
+  return models.get_model(name, **kwargs)
 
 
 @functools.lru_cache(maxsize=32)

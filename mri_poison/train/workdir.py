@@ -42,6 +42,9 @@ from mri_poison import io_utils
 RESUMABLE_KEYS = ("train.log_every", "train.ckpt_every", "train.eval_every", "eval.")
 # The keys the schedule-horizon rule of check_config governs (they are never compared plainly).
 STEPS_KEY, SCHEDULE_STEPS_KEY = "train.steps", "train.schedule_steps"
+# Keys added to the configs after workdirs were written, with the value that means what their absence meant:
+# an old workdir without the key matches a config that holds this value.
+ADDED_KEYS = {"model.name": "unet"}
 # end_manifest statuses; a (re)start whose process died without ending its entry is reported as "died".
 END_STATUSES = ("finished", "interrupted", "failed", "non-finite")
 _STATUS_ALIASES = {"non-finite loss": "non-finite"}  # the name loop.py used before END_STATUSES
@@ -162,6 +165,7 @@ def check_config(workdir: str, config, *, resumable_keys=RESUMABLE_KEYS, has_che
   if os.path.exists(path):
     old = _flatten(read_json(path, workdir).get("config", {}))
     skip = (STEPS_KEY, SCHEDULE_STEPS_KEY)
+    old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
     changed = sorted(k for k in set(old) | set(new)
                      if k not in skip and old.get(k) != new.get(k)
                      and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in resumable_keys))

@@ -1,7 +1,8 @@
 """Study 2: attacking and scoring whole validation volumes as evaluation cells; the tables derived from them.
 
 A cell (`common.Cell`) is one victim model under one threat at one eps on the validation split: clean (eps 0),
-an attack of `ATTACKS`, or the same-eps random sign noise `NOISE`. Its rows hold, per case, the Dice of each
+an attack of the zoo (`mri_poison.attacks.zoo`, named in attack.attacks), or the same-eps random sign noise
+`NOISE`. Its rows hold, per case, the Dice of each
 region and their mean, CE to the labels, CE to the target map, the perceptibility of the perturbation (PSNR,
 SSIM against the clean volume) and, for the iterative attacks, the plain-CE trajectory `ce_step<t>` (CE of the
 deployed model to the true labels at every iterate, whatever loss the attack optimises); targeted attacks add
@@ -11,12 +12,12 @@ compiled sweep per (victim, attack, volume batch) over the missing eps.
 
 The adaptive threat `ADAPTIVE` is not a cell: per case and eps it is the worst (lowest mean Dice) of the
 victim's attacks (`adaptive_rows`), so it is never better for the model than any single attack. Which attacks
-a victim gets (`victim_threats`): `pgd_temp` (PGD on logits / T) only for a model trained at T != 1 (at T = 1
-it is `pgd`), `transfer` (the undefended model's own PGD examples) only for the other models.
+a victim gets (`victim_threats`, each zoo entry's `applies`): e.g. `pgd_temp` (PGD on logits / T) only for a
+model trained at T != 1 (at T = 1 it is `pgd`), `transfer` (the undefended model's own PGD examples) only for
+the other models.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -26,11 +27,10 @@ import numpy as np
 
 from mri_poison import losses as seg_losses
 from mri_poison import metrics
-from mri_poison.attacks import gradient
 from mri_poison.attacks import losses as attack_losses
 from mri_poison.attacks import sanity
 from mri_poison.attacks import sliding_window
-from mri_poison.attacks.eps_sweep import sweep
+from mri_poison.attacks import zoo
 from mri_poison.data.case import REGIONS
 from mri_poison.report import tables
 from mri_poison.studies import common
@@ -38,22 +38,12 @@ from mri_poison.train import state as state_lib
 from mri_poison.train import workdir as workdir_lib
 
 
-ATTACKS = ("fgsm", "ifgsm", "ifgsm_targeted", "pgd", "segpgd", "cospgd", "margin", "pgd_temp", "transfer",
-           "targeted_margin")
 NOISE = "random_sign"  # same-eps random sign noise: the baseline every attack must beat
 CLEAN = "clean"
 ADAPTIVE = "adaptive"  # per case and eps, the worst of the victim's attacks (derived, not a cell)
-SOURCE = "undefended"  # the model whose PGD examples the `transfer` threat replays on the others
-# Every threat's random stream is numbered by its place here (not in the config's list), so adding or dropping
-# an attack leaves the other threats' cells valid.
-STREAMS = ("fgsm", "ifgsm", "ifgsm_targeted", "pgd", "segpgd", "cospgd", NOISE, "margin", "pgd_temp", "transfer",
-           "targeted_margin")
+SOURCE = "undefended"  # the model whose examples the `replays` threats (transfer) replay on the others
+ATTACKS = tuple(n for n in zoo.names() if n != NOISE)  # every attack of the zoo (`mri_poison.attacks.zoo`)
 THREATS = ATTACKS + (NOISE,)
-TARGETED = ("ifgsm_targeted", "targeted_margin")
-ITERATIVE = ("ifgsm", "ifgsm_targeted", "pgd", "segpgd", "cospgd", "margin", "pgd_temp", "targeted_margin")
-RANDOM_START = ("pgd", "segpgd", "cospgd", "margin", "pgd_temp")
-# Attacks on the deployed logits (T = 1) with the plain or a re-weighted CE: the evaluation the paper reports.
-DEPLOYED_CE = ("fgsm", "ifgsm", "pgd", "segpgd", "cospgd")
 TARGETS = ("erase_tumour", "et_to_oedema", "least_likely")
 EPS_MODES = ("absolute", "per_channel_range")
 DICE_COLUMNS = tuple(f"dice_{r}" for r in REGIONS) + ("dice_mean",)
@@ -61,21 +51,16 @@ PER_CASE_COLUMNS = DICE_COLUMNS + ("ce", "ce_target")
 SUCCESS_COLUMNS = ("reached", "dice_target", "tumour_left")
 # Bump when a change of this module changes any cell's numbers: every cell is then recomputed.
 EVAL_VERSION = 2
-ATTACK_TEXT = {
-    "fgsm": "FGSM: x + eps sign(grad CE) (one step)",
-    "ifgsm": "i-FGSM / BIM: N sign steps of alpha, projected on the eps-ball",
-    "ifgsm_targeted": "targeted i-FGSM: N sign steps decreasing CE to the target map over the brain",
-    "pgd": "PGD: i-FGSM from a uniform random start in the eps-ball",
-    "segpgd": "SegPGD: PGD on CE re-weighted from correct to wrong voxels, lambda_t = (t-1)/(2N)",
-    "cospgd": "CosPGD: PGD on CE weighted by stop-grad cos(softmax, one-hot label)",
-    "margin": "margin PGD (CW-style): PGD increasing min(max_{k!=y} z_k - z_y, kappa) on the logits",
-    "pgd_temp": "PGD on CE of logits / T at the model's training temperature T (distilled model only)",
-    "transfer": "transfer: the undefended model's own PGD examples, replayed on this model",
-    "targeted_margin": "targeted margin: N sign steps decreasing the target-class margin over the voxels that "
-                       "must change only (target != label)",
-    NOISE: "random sign noise: x + eps * random signs (baseline)",
-    ADAPTIVE: "adaptive: per case, the lowest mean Dice over all the attacks above run on this model",
-}
+ADAPTIVE_TEXT = "adaptive: per case, the lowest mean Dice over all the attacks above run on this model"
+
+
+def attack_text(name: str) -> str:
+  """One line describing a threat (the zoo's own, or the derived adaptive threat's)."""
+  return ADAPTIVE_TEXT if name == ADAPTIVE else zoo.get(name).text
+
+
+def is_targeted(name: str) -> bool:
+  return name not in (CLEAN, ADAPTIVE) and zoo.get(name).targeted
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -90,11 +75,12 @@ def model_apply_fn(model_cfg):
   return state_lib.make_apply_fn(state_lib.make_model(model_cfg))
 
 
-def deployed_apply_fn(config):
+def deployed_apply_fn(config, model_cfg=None):
   """The model as deployed: whole-volume `model_apply_fn`, or with eval.sliding_window its differentiable
   Gaussian-blended sliding-window inference (window eval.window, default data.patch_shape), which attacks and
-  scoring then both go through. Equal configs give equal (hashable) objects: one compilation per setting."""
-  apply_fn = model_apply_fn(config.model)
+  scoring then both go through; `model_cfg` replaces config.model (another architecture deployed the same way).
+  Equal configs give equal (hashable) objects: one compilation per setting."""
+  apply_fn = model_apply_fn(config.model if model_cfg is None else model_cfg)
   ecfg = config.eval
   if not bool(ecfg.get("sliding_window", False)):
     return apply_fn
@@ -104,41 +90,11 @@ def deployed_apply_fn(config):
 
 
 def victim_threats(victim: str, temperature: float, attacks: Sequence[str]) -> tuple[str, ...]:
-  """The configured attacks that apply to `victim` (see the module doc), then the noise baseline."""
-  out = []
-  for a in attacks:
-    if a == "pgd_temp" and float(temperature) == 1.0:
-      continue  # logits / 1 is the deployed model: the same attack as "pgd"
-    if a == "transfer" and victim == SOURCE:
-      continue  # its own PGD examples: the same attack as "pgd"
-    out.append(a)
-  return tuple(out) + (NOISE,)
+  """The configured attacks that are distinct attacks on `victim` (each zoo entry's `applies`), then the noise."""
+  return tuple(a for a in attacks if zoo.get(a).applies(victim, float(temperature), SOURCE)) + (NOISE,)
 
 
 # ------------------------------------------------------------------------------------------------ attacks
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class CETracked:
-  """An attack loss whose gradient is `loss`'s and whose value is the plain CE of the deployed model.
-
-  value = loss + stop_gradient(CE - loss): the sign steps (which only use the gradient) are exactly `loss`'s,
-  while the loop's recorded loss history becomes the CE to the true labels at every iterate (one forward pass
-  serves both). `temperature` undoes a `scaled_apply` (deployed logits = logits x T). With PGD restarts > 1
-  the restart kept is the one of the highest final CE.
-  """
-  loss: attack_losses.DenseLoss
-  labels: jax.Array
-  mask: jax.Array | None
-  temperature: float = dataclasses.field(default=1.0, metadata=dict(static=True))
-
-  def __call__(self, x, step=0):
-    inner = self.loss
-    logits = jnp.asarray(inner.apply_fn(inner.params, x), jnp.float32)
-    value = inner.reduce(logits, inner.labels, inner.mask, step, inner.steps)
-    ce = seg_losses.cross_entropy(logits * self.temperature, self.labels, self.mask)
-    return value + jax.lax.stop_gradient(ce - value)
 
 
 def make_target(kind: str, apply_fn, params, x, labels):
@@ -175,55 +131,20 @@ def attack_volumes(name: str, apply_fn, params, x, labels, brain, eps, attack_cf
 
   eps: (E,) in z-score units, or (E, B, 1.., C) per case and channel (`eps_scale`). Untargeted attacks increase
   their loss to `labels` over brain voxels; targeted ones decrease theirs to `target`. The history ("loss":
-  (E, [restarts,] N, B)) is the deployed model's CE to `labels` at each iterate (`CETracked`). Random attacks
-  draw from `key` alone, the same for every eps: an eps's result does not depend on which other eps are
-  computed with it. `temperature`: the training temperature `pgd_temp` divides the logits by.
+  (E, [restarts,] N, B)) is the deployed model's CE to `labels` at each iterate (`zoo.CETracked`). Random
+  attacks draw from `key` alone, the same for every eps: an eps's result does not depend on which other eps are
+  computed with it. `temperature`: the victim's training temperature (`pgd_temp` divides the logits by it).
   """
-  steps, frac = int(attack_cfg.steps), float(attack_cfg.step_frac)
-  chunk = int(attack_cfg.get("eps_chunk", 0)) or None
-  eps = jnp.asarray(eps, jnp.float32)
-  common_kw = dict(eps=eps, mask=brain, chunk_size=chunk)
-  tracked = lambda loss, t=1.0: CETracked(loss, jnp.asarray(labels, jnp.int32), brain, float(t))
-  ce = attack_losses.cross_entropy(apply_fn, params, labels, brain)
-  if name == "fgsm":
-    return sweep(gradient.fgsm, ce, x, **common_kw), None
-  if name == NOISE:
-    return _noise_sweep(x, eps, key, brain), None
-  if name in ("ifgsm", "ifgsm_targeted", "targeted_margin"):
-    targeted = name in TARGETED
-    loss = {"ifgsm": lambda: ce,
-            "ifgsm_targeted": lambda: attack_losses.targeted_cross_entropy(apply_fn, params, target, brain),
-            "targeted_margin": lambda: attack_losses.targeted_margin(
-                apply_fn, params, target, labels, brain, kappa=float(attack_cfg.get("margin_kappa", 0.0)))}[name]()
-    return sweep(gradient.ifgsm, tracked(loss), x, step_size_frac=frac, steps=steps, targeted=targeted,
-                 return_history=True, **common_kw)
-  if name in RANDOM_START:
-    t = float(temperature) if name == "pgd_temp" else 1.0
-    loss = {"pgd": lambda: ce,
-            "segpgd": lambda: attack_losses.segpgd(apply_fn, params, labels, steps, brain),
-            "cospgd": lambda: attack_losses.cospgd(apply_fn, params, labels, brain),
-            "margin": lambda: attack_losses.margin(apply_fn, params, labels, brain,
-                                                   kappa=float(attack_cfg.get("margin_kappa", 0.0))),
-            "pgd_temp": lambda: attack_losses.cross_entropy(attack_losses.scaled_apply(apply_fn, t), params,
-                                                            labels, brain)}[name]()
-    return sweep(gradient.pgd, tracked(loss, t), x, step_size_frac=frac, steps=steps, key=key,
-                 restarts=int(attack_cfg.restarts), return_history=True, **common_kw)
-  raise ValueError(f"unknown attack {name!r}: expected one of {THREATS}")
-
-
-@jax.jit
-def _noise_sweep(x, eps, key, brain):
-  return jax.vmap(lambda e: sanity.random_sign_noise(x, eps=e, key=key, mask=brain))(eps)
+  threat = zoo.get(name)
+  if threat.run is None:
+    raise ValueError(f"attack {name!r} replays {threat.replays!r} from the source model: run that one instead")
+  return threat.run(zoo.Inputs(apply_fn, params, x, labels, brain, jnp.asarray(eps, jnp.float32), attack_cfg, key,
+                               target, float(temperature)))
 
 
 def attack_cost(name: str, attack_cfg) -> int:
   """Gradient evaluations per eps and volume (for the progress line)."""
-  if name in ("fgsm", NOISE):
-    return 1
-  if name == "transfer":
-    return int(attack_cfg.steps) * int(attack_cfg.restarts)  # the source's PGD
-  restarts = int(attack_cfg.restarts) if name in RANDOM_START else 1
-  return int(attack_cfg.steps) * restarts
+  return zoo.get(name).gradient_evaluations(attack_cfg)
 
 
 @functools.lru_cache(maxsize=8)
@@ -262,34 +183,35 @@ def make_scorer(apply_fn):
 # ------------------------------------------------------------------------------------------------ cells
 
 
-def threat_settings(threat: str, attack_cfg, key, *, temperature: float = 1.0, source: dict | None = None) -> dict:
+def threat_settings(threat: str, attack_cfg, key, *, temperature: float = 1.0, sources: dict | None = None) -> dict:
   """The config values (and random stream) that change `threat`'s cells; the rest of attack.* does not.
 
-  Every cell scores CE to the target map, so the target kind is in all of them, and the eps mode. Random
-  threats draw one key per volume batch (`key` folded with the batch's first index and the threat's place in
-  STREAMS), so their cells also depend on the victim's key and the batch size. `transfer` depends on the
-  source model (its params digest and key) and PGD's settings instead. `eps_chunk` only bounds memory.
+  Every cell scores CE to the target map, so the target kind is in all of them, and the eps mode; then the
+  zoo entry's own settings. Random threats draw one key per volume batch (`key` folded with the batch's first
+  index and the threat's stream), so their cells also depend on the victim's key and the batch size. A threat
+  that replays another attack from a source model (`sources[entry.source]`: "own", the undefended model, or
+  "external", attack.transfer_model) depends on that model (its digest, architecture included, and key) and on
+  that attack's stream instead. `eps_chunk` only bounds memory.
   """
+  entry = zoo.get(threat)
   s = {"target": str(attack_cfg.target), "eps_mode": str(attack_cfg.get("eps_mode", "absolute"))}
-  if threat in ITERATIVE or threat == "transfer":
-    s.update(steps=int(attack_cfg.steps), step_frac=float(attack_cfg.step_frac))
-  if threat in ("margin", "targeted_margin"):
-    s["kappa"] = float(attack_cfg.get("margin_kappa", 0.0))
-  if threat == "pgd_temp":
-    s["temperature"] = float(temperature)
-  if threat in RANDOM_START or threat in (NOISE, "transfer"):
+  s.update(entry.settings(attack_cfg, float(temperature)))
+  if entry.random:
     s["restarts"] = int(attack_cfg.restarts)
-    s.update(key=np.asarray(jax.random.key_data(key)).tolist(), stream=STREAMS.index(threat),
-             batch=int(attack_cfg.batch))
-  if threat == "transfer":
+    s.update(key=np.asarray(jax.random.key_data(key)).tolist(), stream=entry.stream, batch=int(attack_cfg.batch))
+  if entry.replays is not None:
+    source = sources[entry.source]
     s.update(source=source["digest"], key=np.asarray(jax.random.key_data(source["key"])).tolist(),
-             stream=STREAMS.index("pgd"))
+             stream=zoo.get(entry.replays).stream)
   return s
 
 
 def victim_digest(model_cfg, params) -> str:
   """A trained model's identity in its cells' keys: its architecture config and its params' bytes."""
-  return common.digest({"model": workdir_lib.config_dict(model_cfg), "params": common.tree_digest(params)})
+  model = workdir_lib.config_dict(model_cfg)
+  if model.get("name") == "unet":  # the default victim, as configs without the key meant it: the same cells
+    del model["name"]
+  return common.digest({"model": model, "params": common.tree_digest(params)})
 
 
 def _deployment(config) -> dict:
@@ -302,7 +224,7 @@ def _deployment(config) -> dict:
 
 
 def victim_cells(victim: str, params_digest: str, key, data: dict, config, *, temperature: float = 1.0,
-                 source: dict | None = None) -> dict[tuple[str, float], common.Cell]:
+                 sources: dict | None = None) -> dict[tuple[str, float], common.Cell]:
   """{(threat, eps): cell} of one victim: ("clean", 0.0) and every (threat, eps) of its threats and the grid."""
   acfg = config.attack
   cases = list(data["case_id"])
@@ -313,7 +235,7 @@ def victim_cells(victim: str, params_digest: str, key, data: dict, config, *, te
                                                       version=EVAL_VERSION, **split)
   cells = {(CLEAN, 0.0): make(CLEAN, 0.0, {"target": str(acfg.target)})}
   for threat in victim_threats(victim, temperature, acfg.attacks):
-    settings = threat_settings(threat, acfg, key, temperature=temperature, source=source)
+    settings = threat_settings(threat, acfg, key, temperature=temperature, sources=sources)
     for e in acfg.eps:
       cells[(threat, float(e))] = make(threat, float(e), settings)
   return cells
@@ -337,13 +259,14 @@ def _perceptibility(x, x_adv) -> tuple[list[float], list[float]]:
 
 
 def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, config, key, *,
-                    temperature: float = 1.0, source: dict | None = None, params_digest: str | None = None,
+                    temperature: float = 1.0, sources: dict | None = None, params_digest: str | None = None,
                     progress: common.Progress | None = None) -> list[common.Cell]:
   """Computes the cells of `victim` missing from `table` (saving it after each threat); returns them.
 
   data: {"image" (N, *S, C), "label" (N, *S), "brain" (N, *S), "case_id": [N], optional "digest"}; key: the
-  victim's random stream; temperature: its training temperature (for `pgd_temp`); source: {"params", "key",
-  "digest"} of the undefended model (for `transfer`); params_digest: `victim_digest(config.model, params)` when
+  victim's random stream; temperature: its training temperature (for `pgd_temp`); sources: {"own" | "external":
+  {"params", "key", "digest", "apply_fn"}}, the models whose examples the replaying threats (transfer) replay;
+  params_digest: `victim_digest(config.model, params)` when
   already known. Volumes go in batches of attack.batch; per threat and batch ONE compiled sweep runs over the
   threat's missing eps. In a multi-process job the batches are shared out over the processes
   (`common.map_case_batches`); the keys are per batch, so the cells equal a 1-process run's.
@@ -352,7 +275,7 @@ def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, co
   apply_fn = deployed_apply_fn(config)
   score, predict, saturation = make_scorer(apply_fn)
   params_digest = params_digest or victim_digest(config.model, params)
-  cells = victim_cells(victim, params_digest, key, data, config, temperature=temperature, source=source)
+  cells = victim_cells(victim, params_digest, key, data, config, temperature=temperature, sources=sources)
   todo = table.missing(cells.values())
   if not todo:
     return []
@@ -397,22 +320,26 @@ def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, co
     eps_arr = np.asarray(eps, np.float32).reshape((-1,) + (1,) * scale.ndim) * scale[None]
     if mode == "absolute":
       eps_arr = np.asarray(eps, np.float32)  # (E,): the compiled sweeps of the plain grid
-    if threat == "transfer":
-      # The undefended model's own PGD examples: its key, PGD's stream, the same batches (see threat_settings).
-      src_key = jax.random.fold_in(jax.random.fold_in(source["key"], sl.start), STREAMS.index("pgd"))
-      x_adv, _ = attack_volumes("pgd", apply_fn, source["params"], x, y, brain, eps_arr, acfg, src_key, target)
+    replays = zoo.get(threat).replays
+    if replays is not None:
+      # The source model's own examples: its key, the replayed attack's stream, the same batches (threat_settings).
+      source = sources[zoo.get(threat).source]
+      src_key = jax.random.fold_in(jax.random.fold_in(source["key"], sl.start), zoo.get(replays).stream)
+      x_adv, _ = attack_volumes(replays, source["apply_fn"], source["params"], x, y, brain, eps_arr, acfg, src_key,
+                                target)
       hist = None
     else:
       # One key per volume batch, the same for every eps (see threat_settings).
-      threat_key = jax.random.fold_in(jax.random.fold_in(key, sl.start), STREAMS.index(threat))
+      threat_key = jax.random.fold_in(jax.random.fold_in(key, sl.start), zoo.get(threat).stream)
       x_adv, hist = attack_volumes(threat, apply_fn, params, x, y, brain, eps_arr, acfg, threat_key, target,
                                    temperature=temperature)
     d, ce, cet = (np.asarray(v) for v in score(params, x_adv, y, brain, target))
     x_adv_host = np.asarray(x_adv)
-    if threat in TARGETED:
+    if is_targeted(threat):
       preds = np.asarray(predict(params, x_adv))
     if hist is not None:
-      traj = np.asarray(hist["loss"]).reshape(len(eps), -1, int(acfg.steps), x.shape[0]).mean(axis=1)  # (E, N, B)
+      loss_hist = np.asarray(hist["loss"])  # (E, [restarts,] N, B): N is the attack's own number of steps
+      traj = loss_hist.reshape(len(eps), -1, loss_hist.shape[-2], x.shape[0]).mean(axis=1)  # (E, N, B)
     for i in range(len(eps)):
       o = out[str(i)]
       _append_scores(o, d[i], ce[i], cet[i])
@@ -420,7 +347,7 @@ def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, co
       if hist is not None:
         for t in range(traj.shape[1]):
           o[f"ce_step{t}"] = traj[i, t].tolist()
-      if threat in TARGETED:
+      if is_targeted(threat):
         for j in range(preds.shape[1]):
           s = metrics.targeted_success(preds[i, j], np.asarray(target[j]), np.asarray(y[j]), np.asarray(brain[j]))
           for m in SUCCESS_COLUMNS:
@@ -510,6 +437,34 @@ def adaptive_rows(rows: Sequence[dict], attacks: Sequence[str], eps: Sequence[fl
   return out
 
 
+def adaptive_member_rows(per_case: Sequence[dict], attacks_of: dict, reference_eps: float) -> list[dict]:
+  """results/adaptive_members.csv: what each attack adds to the adaptive threat at the reference eps.
+
+  Per model and attack (in `attacks_of[model]` order): worst_fraction, the share of cases where it is the
+  adaptive threat's worst; dice_alone, its mean Dice; and, paired by case, the adaptive mean Dice without it
+  minus with it (mean_diff >= 0, bootstrap CI, Wilcoxon p; exploratory): > 0 where it found lower Dice than
+  every other attack. This is how a new attack (e.g. APGD with SEA's losses) shows whether it beats the others.
+  """
+  ref = float(reference_eps)
+  out = []
+  for model, attacks in attacks_of.items():
+    dice = {a: tables.paired_values(per_case, {"model": model, "attack": a, "eps": ref}, "dice_mean")
+            for a in attacks}
+    worst = {r["case"]: r["worst_attack"] for r in per_case
+             if r["model"] == model and r["attack"] == ADAPTIVE and float(r["eps"]) == ref}
+    cases = [c for c in worst if all(c in dice[a] for a in attacks)]
+    if len(attacks) < 2 or not cases:
+      continue
+    adaptive = [min(dice[a][c] for a in attacks) for c in cases]
+    for a in attacks:
+      without = [min(dice[b][c] for b in attacks if b != a) for c in cases]
+      row = tables.wilcoxon_row(without, adaptive, model=model, attack=a, eps=ref)
+      row.update(worst_fraction=float(np.mean([worst[c] == a for c in cases])),
+                 dice_alone=float(np.mean([dice[a][c] for c in cases])))
+      out.append(row)
+  return out
+
+
 def sanity_rows(table: common.CellTable, cells: dict, victim: str, config, case_ids: Sequence[str],
                 temperature: float = 1.0) -> list[dict]:
   """results/sanity.csv rows of one victim from its cells (per threat and eps, means over the cases).
@@ -531,7 +486,7 @@ def sanity_rows(table: common.CellTable, cells: dict, victim: str, config, case_
   ce_clean = f32(clean, "ce")
   out = []
   for threat in victim_threats(victim, temperature, acfg.attacks):
-    targeted = threat in TARGETED
+    targeted = is_targeted(threat)
     loss = "ce_target" if targeted else "ce"  # each threat is compared with the noise on its own loss
     for e in (float(e) for e in acfg.eps):
       cell, noise = vc[(threat, e)], vc[(NOISE, e)]
@@ -744,7 +699,7 @@ def robust_fraction_rows(per_case: list[dict], models, attacks_of: dict, eps, fa
 def masking_rows(per_case: list[dict], sanity: Sequence[dict], models: Sequence[str], eps: Sequence[float],
                  reference_eps: float, collapse_dice: float = 0.1) -> list[dict]:
   """Signs of gradient masking per model (means over cases): saturated-softmax fraction; at the reference eps
-  the best deployed-logit CE attack (T = 1, `DEPLOYED_CE`) vs adaptive (gap > 0: T = 1 attacks overstate
+  the best deployed-logit CE attack (T = 1, the zoo's `deployed_ce` attacks) vs adaptive (gap > 0: T = 1 attacks overstate
   robustness), transfer vs direct PGD (transfer lower: the direct gradient is masked); adaptive Dice at the
   largest eps (collapse: below `collapse_dice`, from a clean mean Dice at least twice that, so a model that never
   segmented cannot "collapse"); the share of untargeted attacks whose plain CE rose."""
@@ -754,10 +709,11 @@ def masking_rows(per_case: list[dict], sanity: Sequence[dict], models: Sequence[
   out = []
   for m in models:
     srow = [s for s in sanity if s["model"] == m and float(s["eps"]) == ref]
-    deployed = [mean(m, a, ref) for a in DEPLOYED_CE if any(s["attack"] == a for s in srow)]
+    deployed = [mean(m, s["attack"], ref) for s in srow if s["attack"] != NOISE and zoo.get(s["attack"]).deployed_ce]
     t1 = min(deployed) if deployed else float("nan")
     adaptive = mean(m, ADAPTIVE, ref)
-    untargeted = [s for s in srow if s["attack"] not in TARGETED + (NOISE, "transfer")]
+    untargeted = [s for s in srow if s["attack"] != NOISE and not zoo.get(s["attack"]).targeted
+                  and zoo.get(s["attack"]).replays is None]
     adaptive_top, clean = mean(m, ADAPTIVE, top), mean(m, CLEAN, 0.0)
     out.append({
         "model": m, "saturated_fraction": srow[0]["saturated_fraction"] if srow else float("nan"),

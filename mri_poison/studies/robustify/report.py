@@ -9,10 +9,11 @@ from mri_poison.defenses import adversarial as adv_lib
 from mri_poison.report import markdown
 from mri_poison.report import tables
 from mri_poison.studies import learnt as learnt_lib
-from mri_poison.studies.robustify.evaluation import (ADAPTIVE, ATTACK_TEXT, DEPLOYED_CE, NOISE, SOURCE,
-                                                     SUCCESS_COLUMNS)
+from mri_poison.attacks import zoo
+from mri_poison.studies.robustify.evaluation import ADAPTIVE, NOISE, SOURCE, SUCCESS_COLUMNS, attack_text
 from mri_poison.studies.robustify.training import MODELS, training_budgets
 
+_VICTIM_TEXT = {"unet": "U-Net", "resenc_unet": "residual-encoder U-Net (`resenc_unet`)"}
 PAPER = ("The paper's numbers (arXiv 1908.00656, on BraTS 2019 volumes, its own 3D U-Net and settings; not "
          "ours): FGSM / i-FGSM / targeted i-FGSM cut Dice by up to 65 %; defensive distillation did "
          "significantly better than adversarial training; no defence reached clean performance. It evaluates "
@@ -65,7 +66,7 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
                                  h.get("ci_high", float("nan")))})
   r.table(rows, ["model", "clean", "t1", "adaptive", "ci", "drop", "half"], formats={"drop": lambda v: f"{v:.1f}"},
           caption=f"Mean Dice (average of the learnt regions over volumes) clean, under the strongest T = 1 CE attack "
-                  f"(the paper's protocol: best mean of {', '.join(a for a in DEPLOYED_CE if a in acfg.attacks)}) "
+                  f"(the paper's protocol: best mean of {', '.join(a for a in zoo.names() if a in acfg.attacks and zoo.get(a).deployed_ce)}) "
                   f"and under the adaptive attack at eps = {ref:g}; relative drop = 100 (1 - adaptive mean "
                   "Dice / clean mean Dice) of the same model; eps_1/2: the budget at which the adaptive mean Dice "
                   "curve halves (interpolated in log eps between grid points) with a bootstrap 95 % CI over cases "
@@ -95,7 +96,8 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
       f"mask (background 0), cropped to the brain and padded/cropped to {tuple(d.shape)}; labels "
       "0 background, 1 necrotic/non-enhancing core, 2 oedema, 3 enhancing tumour. "
       f"{n} validation cases split off by seed {int(d.seed)}.",
-      f"Model: 3D U-Net, features {tuple(config.model.features)}, {config.model.norm} norm, "
+      f"Model: 3D {_VICTIM_TEXT.get(config.model.get('name', 'unet'), config.model.get('name'))}, features "
+      f"{tuple(config.model.features)}, {config.model.norm} norm, "
       f"{config.model.dtype} (first layer {config.model.get('input_dtype', 'float32')}, so no perturbation is "
       f"rounded away); " + (f"deployed and attacked through Gaussian-blended sliding-window inference, window "
                             f"{tuple(ecfg.window) or tuple(d.patch_shape)}, overlap {float(ecfg.overlap):g}"
@@ -128,7 +130,8 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
       + f"; iterative attacks N = {steps} steps of alpha = {frac:g} eps; random-start attacks "
       f"{int(acfg.restarts)} restart(s); margin kappa = {float(acfg.get('margin_kappa', 0.0)):g}; target map "
       f"`{acfg.target}` (*defaults chosen here*; the paper names FGSM, i-FGSM and targeted i-FGSM).",
-  ] + [f"`{a}`: {ATTACK_TEXT[a]}" for a in tuple(acfg.attacks) + (NOISE, ADAPTIVE)])
+  ] + [f"`{a}`: {attack_text(a)}{_settings_text(a, acfg)}" for a in tuple(acfg.attacks) + (NOISE, ADAPTIVE)]
+    + ([f"`transfer_model`'s source: `{acfg.transfer_model}`"] if "transfer_model" in acfg.attacks else []))
   r.paragraph(
       "Metric conventions: Dice on the BraTS regions WT = {1,2,3}, TC = {1,3}, ET = {3}; a region empty in both "
       "prediction and reference scores Dice 1, empty in exactly one scores 0 (the BraTS challenge convention; "
@@ -148,6 +151,17 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
           headers={"dice_WT_mean": "WT", "dice_TC_mean": "TC", "dice_ET_mean": "ET", "dice_mean_mean": "mean",
                    "dice_mean_std": "SD", "dice_mean_ci_low": "CI low", "dice_mean_ci_high": "CI high",
                    "drop_pct": "drop %"}, formats={"drop_pct": lambda v: f"{v:.1f}"})
+
+  r.heading("What each attack adds to the adaptive threat", level=3)
+  r.table(res["members"], ["model", "attack", "worst_fraction", "dice_alone", "mean_b", "mean_a", "mean_diff",
+                           "ci_low", "ci_high", "p_value"],
+          caption=f"At eps = {ref:g}, per model and attack: the share of volumes on which it is the adaptive "
+                  "threat's worst, its own mean Dice, the adaptive mean Dice with every attack and without this "
+                  "one, and their paired difference (> 0: this attack found lower Dice than all the others on "
+                  "some volumes; bootstrap 95 % CI, Wilcoxon p; exploratory, uncorrected).",
+          headers={"worst_fraction": "worst on", "dice_alone": "alone", "mean_b": "adaptive",
+                   "mean_a": "without it", "mean_diff": "gain", "ci_low": "CI low", "ci_high": "CI high",
+                   "p_value": "p"})
 
   r.heading("Budgets: where Dice halves, and how visible each budget is")
   r.table(res["halving"], ["model", "attack", "clean", "eps_half", "ci_low", "ci_high", "never_halved_fraction"],
@@ -238,7 +252,8 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
       "`results/per_case.csv`: model, attack (with `adaptive` and its `worst_attack`), eps, case, Dice "
       "WT/TC/ET/mean, CE and target CE.",
       "`results/summary.csv`, `results/wilcoxon.csv` (column `family`: primary / exploratory), "
-      "`results/halving_budget.csv`, `results/masking.csv`, `results/perceptibility.csv`, `results/targeted.csv`, "
+      "`results/halving_budget.csv`, `results/adaptive_members.csv`, `results/masking.csv`, "
+      "`results/perceptibility.csv`, `results/targeted.csv`, "
       "`results/robust_fraction.csv`, `results/sanity.csv`, `results/headline.json`.",
       "`results/cells.csv`: every evaluation cell as long-form rows (victim, threat, budget, case, metric, value, "
       "cell key), including PSNR/SSIM, the plain-CE trajectory `ce_step<t>` and targeted success per case; the "
@@ -248,6 +263,16 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
       "`config.json`, `manifest.json`: the resolved config and the run's versions/devices.",
   ])
   r.write(os.path.join(workdir, "report.md"))
+
+
+def _settings_text(attack: str, acfg) -> str:
+  """" (steps 3, step_frac 0.8)": the zoo entry's own settings, the ones its cells depend on."""
+  if attack == ADAPTIVE:
+    return ""
+  settings = zoo.get(attack).settings(acfg, 1.0)
+  shown = {k: v for k, v in settings.items() if k != "temperature"}  # the victim's, not the attack's
+  return " (" + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()) + ")" \
+      if shown else ""
 
 
 def _cost_text(cost) -> str:

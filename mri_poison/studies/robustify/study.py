@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from mri_poison import io_utils
+from mri_poison.attacks import zoo
 from mri_poison.data.case import REGIONS
 from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import figures
@@ -24,6 +25,7 @@ from mri_poison.studies.robustify.evaluation import (ATTACKS, DICE_COLUMNS, EPS_
                                                      attack_volumes, make_scorer, make_target)
 from mri_poison.studies.robustify.report import write_report
 from mri_poison.studies.robustify.training import MODELS, train_models, trained_models
+from mri_poison.train import loop as train_loop
 from mri_poison.train import workdir as workdir_lib
 
 # What may change between runs of one workdir: the attacks and the evaluation only add evaluation cells (or
@@ -66,9 +68,11 @@ def _check_config(config) -> None:
     if len(window) != len(tuple(config.data.shape)) or min(int(w) for w in window) < 1:
       raise ValueError(f"config eval.window={window}: expected one positive size per axis of data.shape")
   common.parse_cells(config.eval.get("cells", "all"), "eval.cells")
-  if str(config.eval.example_attack) not in ATTACKS or str(config.eval.example_attack) in ("transfer", "pgd_temp"):
-    raise ValueError(f"config eval.example_attack={config.eval.example_attack!r}: expected one of {ATTACKS} "
-                     "other than transfer and pgd_temp")
+  _check_external_source(config)
+  example = str(config.eval.example_attack)
+  if example not in ATTACKS or example == "pgd_temp" or zoo.get(example).replays is not None:
+    raise ValueError(f"config eval.example_attack={example!r}: expected one of {ATTACKS} other than pgd_temp and "
+                     "the transfer attacks")
 
 
 # ------------------------------------------------------------------------------------------------ the study
@@ -155,8 +159,11 @@ def _evaluate(config, params, data, table):
   key = jax.random.PRNGKey(int(config.attack.seed))
   keys = {m: jax.random.fold_in(key, i) for i, m in enumerate(MODELS)}
   digests = {m: ev.victim_digest(config.model, params[m]) for m in MODELS}
-  source = {"params": params[ev.SOURCE], "key": keys[ev.SOURCE], "digest": digests[ev.SOURCE]}
-  cells = {m: ev.victim_cells(m, digests[m], keys[m], data, config, temperature=temps[m], source=source)
+  sources = {"own": {"params": params[ev.SOURCE], "key": keys[ev.SOURCE], "digest": digests[ev.SOURCE],
+                     "apply_fn": ev.deployed_apply_fn(config)}}
+  if any(zoo.get(a).source == "external" for a in config.attack.attacks):
+    sources["external"] = _external_source(config, jax.random.fold_in(key, len(MODELS)))
+  cells = {m: ev.victim_cells(m, digests[m], keys[m], data, config, temperature=temps[m], sources=sources)
            for m in MODELS}
   todo = [c for m in MODELS for c in table.missing(cells[m].values())]
   logging.info("robustify: %d of %d evaluation cells to compute (%s)", len(todo),
@@ -164,9 +171,34 @@ def _evaluate(config, params, data, table):
   progress = common.Progress(ev.evaluation_cost(todo, config) * n, name="robustify eval", unit="volume-gradients")
   t_eval = time.perf_counter()
   for m in MODELS:
-    ev.evaluate_victim(table, m, params[m], data, config, keys[m], temperature=temps[m], source=source,
+    ev.evaluate_victim(table, m, params[m], data, config, keys[m], temperature=temps[m], sources=sources,
                        params_digest=digests[m], progress=progress)
   return todo, cells, digests, time.perf_counter() - t_eval
+
+
+def _external_source(config, key) -> dict:
+  """The trained model at attack.transfer_model (any architecture), deployed as this study deploys its own."""
+  _, params, other = train_loop.load_model(str(config.attack.transfer_model))
+  return {"params": params, "key": key, "digest": ev.victim_digest(other.model, params),
+          "apply_fn": ev.deployed_apply_fn(config, other.model)}
+
+
+def _check_external_source(config) -> None:
+  """attack.transfer_model names a trained model whose input is this study's (before anything is written)."""
+  path = str(config.attack.get("transfer_model", ""))
+  needs = [a for a in config.attack.attacks if zoo.get(a).source == "external"]
+  if not needs:
+    return
+  config_path = os.path.join(path, "config.json")
+  if not path or not os.path.isfile(config_path) or not os.path.isdir(os.path.join(path, "checkpoints")):
+    raise ValueError(f"config attack.transfer_model={path!r}: attack(s) {needs} replay a trained model's examples; "
+                     "name a trained model folder (config.json and checkpoints/), e.g. <robustify workdir>/models/"
+                     "undefended")
+  other = workdir_lib.read_json(config_path, path)["config"]
+  theirs, ours = tuple(other["data"]["modalities"]), tuple(config.data.modalities)
+  if theirs != ours:
+    raise ValueError(f"config attack.transfer_model={path!r}: that model takes modalities {theirs}, this study's "
+                     f"data has {ours}")
 
 
 def _gate(config, table, cells, data, case_ids, train_cases) -> list[dict]:
@@ -205,6 +237,8 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start, trai
   comparisons = ev.comparison_rows(per_case, MODELS, eps, ref_eps)
   io_utils.write_csv(os.path.join(results, "wilcoxon.csv"), comparisons)
   attacks_of = {m: [t for t in ev.victim_threats(m, temps[m], acfg.attacks) if t != NOISE] for m in MODELS}
+  members = ev.adaptive_member_rows(per_case, attacks_of, ref_eps)
+  io_utils.write_csv(os.path.join(results, "adaptive_members.csv"), members)
   robust = ev.robust_fraction_rows(per_case, MODELS, attacks_of, eps, float(ecfg.robust_factor))
   io_utils.write_csv(os.path.join(results, "robust_fraction.csv"), robust)
   sanity = [r for m in MODELS for r in ev.sanity_rows(table, cells, m, config, case_ids, temps[m])]
@@ -215,7 +249,7 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start, trai
   io_utils.write_csv(os.path.join(results, "masking.csv"), masking)
   percept = ev.cell_means(table, cells, [ev.SOURCE], ("psnr", "ssim"), case_ids)
   io_utils.write_csv(os.path.join(results, "perceptibility.csv"), percept)
-  targeted = ev.cell_means(table, cells, MODELS, ev.SUCCESS_COLUMNS, case_ids, threats=ev.TARGETED)
+  targeted = ev.cell_means(table, cells, MODELS, ev.SUCCESS_COLUMNS, case_ids, threats=[a for a in ev.ATTACKS if ev.is_targeted(a)])
   clean_left = {m: float(np.nanmean(table.values(cells[m][(ev.CLEAN, 0.0)], "tumour_left", case_ids)))
                 for m in MODELS}
   for r in targeted:
@@ -270,7 +304,7 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start, trai
   io_utils.write_json(os.path.join(results, "headline.json"), headline)
   write_report(config, workdir, dict(summary=summary, comparisons=comparisons, robust=robust, sanity=sanity,
                                      halving=halving, masking=masking, perceptibility=percept, targeted=targeted,
-                                     attacks_of=attacks_of, temperatures=temps),
+                                     attacks_of=attacks_of, temperatures=temps, members=members),
                headline, figs, example)
   logging.info("robustify: done in %.0f s; report at %s", headline["wall_seconds"], os.path.join(workdir, "report.md"))
   return headline
