@@ -56,7 +56,6 @@ from mri_poison.models.perturbators import PerturbatorUNet, contour_delta, textu
 from mri_poison.ops import morphology, texture
 from mri_poison.train import parts as parts_lib
 
-METHODS = ("none", "random", "classwise", "classpattern", "minmin", "umed")
 NOISE_MODES = ("sample", "region")
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from mri_poison import io_utils, metrics
 from mri_poison.data.case import REGIONS
 from mri_poison.data.datasets import load_splits
+from mri_poison.poison import protections
 from mri_poison.poison import unlearnable as ul
 from mri_poison.report import figures
 from mri_poison.studies import learnt as learnt_lib
@@ -56,9 +57,9 @@ def run(config, workdir: str) -> dict:
   """The phase map (see the module doc); returns the results dict also written to results/phase_map.json."""
   pm = config.phase_map
   methods, values, budgets = tuple(pm.methods), tuple(float(v) for v in pm.levels), tuple(float(e) for e in pm.eps)
-  unknown = [m for m in methods if m not in ul.METHODS[1:]]
+  unknown = [m for m in methods if m not in protections.names()[1:]]
   if unknown or not methods:
-    raise ValueError(f"config phase_map.methods={methods}: expected protections of {ul.METHODS[1:]}")
+    raise ValueError(f"config phase_map.methods={methods}: expected protections of {protections.names()[1:]}")
   if any(not 0 < e < 1 for e in budgets):
     raise ValueError(f"config phase_map.eps={budgets}: expected budgets in (0, 1) on [0, 1]-scaled intensities")
   apply_fn = state_lib.make_apply_fn(state_lib.make_model(config.model))

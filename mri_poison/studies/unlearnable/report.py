@@ -10,6 +10,7 @@ from mri_poison import metrics
 from mri_poison.data.case import REGIONS
 from mri_poison.data.preprocess import brain_mask
 from mri_poison.ops import morphology
+from mri_poison.poison import protections
 from mri_poison.report import figures
 from mri_poison.report import markdown
 from mri_poison.report import tables
@@ -19,15 +20,6 @@ PAPER = {"psnr_db": 50.03, "dsc_clean_pct": 82.18, "dsc_protected_pct": 6.80}
 # A counter-measure that lowers the clean-trained victim by more than this (mean Dice) is no fair test of a
 # protection: protected victims fall with it [ours].
 COUNTER_COST_MAX = 0.1
-METHOD_TEXT = {
-    "none": "no protection (clean training data)",
-    "random": "random sign noise of the same L-inf budget on the brain",
-    "classwise": "class-wise random noise: one fixed random sign pattern per label class and position",
-    "classpattern": "class pattern: one 2x2 sign tile per label class repeated over the slice (positive control: "
-                    "a shortcut a convolution reads anywhere)",
-    "minmin": "error-minimising noise (min-min, Huang et al. 2021) on the brain",
-    "umed": "UMed: contour (CDC U-Net) + texture (LBP-clipped U-Net) perturbations on the tumour and its band",
-}
 
 
 def victim_kind(name: str) -> str:
@@ -557,6 +549,7 @@ def write_report(config, workdir, vrows, qrows, comp, figs, headline, srows=(), 
       f"Budget: eps = {float(p.eps):.4g} (= {float(p.eps) * 255:.3g}/255) on intensities scaled to [0, 1] per case "
       "and channel (max - min of the z-scored case), i.e. eps x range in z-units [ref: 4/255]. Protected images are "
       "clipped to the case's [min, max].",
+      "Protections: " + "; ".join(f"`{m}`: {protections.get(m).text}" for m in tuple(p.methods)) + ".",
       f"Surrogate and victims: U-Net features {tuple(config.model.features)}, {config.model.norm} norm; victims "
       f"{int(config.train.steps)} steps, batch {int(d.batch_size)}, AdamW lr {float(config.train.lr):g}, CE + Dice "
       "(*defaults chosen here*).",

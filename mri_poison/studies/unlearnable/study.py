@@ -9,18 +9,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from mri_poison import io_utils, metrics
 from mri_poison.ops import morphology
 from mri_poison.poison import protected_io
+from mri_poison.poison import protections
 from mri_poison.poison import unlearnable as ul
 from mri_poison.studies import common
 from mri_poison.studies.unlearnable import counter
 from mri_poison.train import loop as train_loop
 from mri_poison.train import state as state_lib
-from mri_poison.train import trainer
 from mri_poison.train import evaluate as evaluate_lib
 
 # What may change between runs of one workdir: evaluation and report settings only add or re-derive results.
@@ -41,8 +40,8 @@ def check(config) -> None:
 def _check_config(config) -> None:
   p = config.protect
   methods = tuple(p.methods)
-  if not methods or methods[0] != "none" or any(m not in ul.METHODS for m in methods) or len(set(methods)) != len(methods):
-    raise ValueError(f"config protect.methods={methods}: expected 'none' first, then distinct names of {ul.METHODS}")
+  if not methods or methods[0] != "none" or any(m not in protections.names() for m in methods) or len(set(methods)) != len(methods):
+    raise ValueError(f"config protect.methods={methods}: expected 'none' first, then distinct names of {protections.names()}")
   regimes = tuple(config.counter.regimes)
   if not regimes or regimes[0] != "standard" or any(r not in counter.REGIMES for r in regimes):
     raise ValueError(f"config counter.regimes={regimes}: expected 'standard' first, then names of {counter.REGIMES}")
@@ -67,8 +66,8 @@ def _check_config(config) -> None:
   sweep = tuple(float(e) for e in p.sweep_eps)
   if any(not 0 < e < 1 for e in sweep) or float(p.eps) in sweep:
     raise ValueError(f"config protect.sweep_eps={sweep}: expected budgets in (0, 1) other than protect.eps")
-  if sweep and str(p.sweep_method) not in ul.METHODS[1:]:
-    raise ValueError(f"config protect.sweep_method={p.sweep_method!r}: expected one of {ul.METHODS[1:]}")
+  if sweep and str(p.sweep_method) not in protections.names()[1:]:
+    raise ValueError(f"config protect.sweep_method={p.sweep_method!r}: expected one of {protections.names()[1:]}")
 
 
 def _sub_config(config, name: str, train: dict | None = None, data: dict | None = None, **extra):
@@ -89,84 +88,18 @@ def _sub_config(config, name: str, train: dict | None = None, data: dict | None 
 # ------------------------------------------------------------------------------------------------ protection
 
 
-def _surrogate_init(config, shape):
-  model = state_lib.make_model(config.surrogate)
-  return model, (lambda key: state_lib.init_params(model, key, (1,) + tuple(shape)))
-
-
-def _protect_config(config, name, steps, **extra):
-  sub = ml_collections.ConfigDict()
-  sub.protect = copy.deepcopy(config.protect)
-  sub.surrogate = copy.deepcopy(config.surrogate)
-  sub.data = copy.deepcopy(config.data)
-  sub.method = name
-  sub.train = ml_collections.ConfigDict(dict(steps=int(steps), log_every=max(int(steps) // 5, 1),
-                                             ckpt_every=int(steps), keep_checkpoints=1, seed=int(config.protect.seed)))
-  for k, v in extra.items():
-    setattr(sub, k, v)
-  return sub
-
-
 def protection_name(method: str, eps: float, config) -> str:
   """`method` at the study budget, `method@eps=<eps>` at another budget (a budget-sweep protection)."""
   return method if float(eps) == float(config.protect.eps) else f"{method}@eps={float(eps):.4g}"
 
 
 def protect(method: str, config, workdir: str, data: dict, eps: float | None = None) -> tuple[np.ndarray, dict]:
-  """(protected slice images (N, X, Y, C), info) for `method` at `eps` (default protect.eps); trained
-  protections are resumable fit runs in workdir/protect/<protection_name>."""
+  """(protected slice images (N, X, Y, C), info) for `method` (`mri_poison.poison.protections`) at `eps`
+  (default protect.eps); trained protections are resumable fit runs in workdir/protect/<protection_name>."""
   p = config.protect
   eps = float(p.eps) if eps is None else float(eps)
-  key = jax.random.PRNGKey(int(p.seed))
-  shape = np.shape(data["image"])[1:]
   run_dir = os.path.join(workdir, "protect", protection_name(method, eps, config))
-  if method == "none":
-    return np.asarray(data["image"]), {}
-  if method == "random":
-    return np.asarray(ul.random_noise(jax.random.fold_in(key, 1), data, eps)), {}
-  if method == "classwise":
-    return np.asarray(ul.classwise_noise(jax.random.fold_in(key, 4), data, eps, int(config.model.out_channels))), {}
-  if method == "classpattern":
-    return np.asarray(ul.classpattern_noise(jax.random.fold_in(key, 5), data, eps, int(config.model.out_channels),
-                                            int(p.classpattern.tile))), {}
-  device_data = {k: jnp.asarray(v) for k, v in data.items()}
-  model, surrogate_init = _surrogate_init(config, shape)
-  apply_fn = state_lib.make_apply_fn(model)
-
-  def fitted(params, images):  # the hallmark: did the surrogate fit the protected data far better than the clean?
-    ce_p = ul.surrogate_ce(apply_fn, params, images, data["label"])
-    ce_c = ul.surrogate_ce(apply_fn, params, data["image"], data["label"])
-    ratio = ce_p / max(ce_c, 1e-12)
-    return {"surrogate_ce_protected": ce_p, "surrogate_ce_clean": ce_c, "hallmark": ratio,
-            "converged": bool(ratio <= float(p.hallmark_max))}
-
-  if method == "minmin":
-    m = p.minmin
-    tx = optax.adam(float(m.lr))
-    init = ul.minmin_init(surrogate_init, jax.random.fold_in(key, 2), data, tx, str(m.mode))
-    step = ul.minmin_step_fn(apply_fn, tx, batch=int(p.batch), eps=eps, train_steps=int(m.train_steps),
-                             pgd_steps=int(m.pgd_steps), step_frac=float(m.step_frac),
-                             stop_accuracy=float(m.stop_accuracy), mode=str(m.mode),
-                             n_classes=int(config.model.out_channels))
-    state = trainer.fit(_protect_config(config, method, int(m.steps)), run_dir,
-                        init_state=init, step_fn=step, step_args=(device_data,))
-    images = np.asarray(ul.minmin_protect(state, data, str(m.mode)))
-    return images, {"stopped_at": int(state["noise"]["stopped_at"]),
-                    "accuracy": float(state["noise"]["last"]["accuracy"]),
-                    **fitted(state["surrogate"]["params"], images)}
-  if method == "umed":
-    u = p.umed
-    g_c, g_t = ul.perturbators(u, int(shape[-1]))
-    txs = (optax.adam(float(u.lr)), optax.adam(float(u.lr)), optax.adam(float(u.surrogate_lr)))
-    init = ul.umed_init(g_c, g_t, surrogate_init, jax.random.fold_in(key, 3), data,
-                        dict(zip(("contour", "texture", "surrogate"), txs)))
-    step = ul.umed_step_fn(g_c, g_t, apply_fn, txs, batch=int(p.batch), eps=eps, k=int(u.k),
-                           warmup=int(u.surrogate_warmup))
-    state = trainer.fit(_protect_config(config, method, int(u.steps)), run_dir,
-                        init_state=init, step_fn=step, step_args=(device_data,))
-    images = ul.umed_protect(g_c, g_t, state, data, eps)
-    return images, fitted(state["surrogate"]["params"], images)
-  raise ValueError(f"unknown protection {method!r}: expected one of {ul.METHODS}")
+  return protections.get(method).run(protections.Inputs(config, data, eps, jax.random.PRNGKey(int(p.seed)), run_dir))
 
 
 def quality(cases, protected_cases, width: int) -> dict[str, list[float]]:
