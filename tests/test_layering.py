@@ -14,6 +14,8 @@ a lower layer. Units of one layer are peers: one may import the other, but not b
                    every layer above (a trainer's or an attack's own summary tables included) may use it.
   train / attacks  the trainer and the attack loop
   defenses / poison
+  cellstore        the evaluation-cell store (digests, cells, shares, multi-process batches) every study keeps its
+                   results in
   studies          one package per study + common
   experiments      launchers, configs, benchmarks
 """
@@ -34,6 +36,7 @@ LAYERS = (
     ("report", ("mri_poison.report",)),
     ("train/attacks", ("mri_poison.train", "mri_poison.attacks")),
     ("defenses/poison", ("mri_poison.defenses", "mri_poison.poison")),
+    ("cellstore", ("mri_poison.cellstore",)),
     ("studies", ("mri_poison.studies",)),
     ("experiments", ("experiments",)),
 )

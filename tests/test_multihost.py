@@ -186,7 +186,7 @@ def _eval_worker(out):
   launch_utils.init_processes(multiprocess=int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1)
   import jax
   from mri_poison.data.phantom import make_case
-  from mri_poison.studies import common
+  from mri_poison import cellstore
   from mri_poison.studies.robustify import evaluation
   from mri_poison.studies.robustify import study
   from mri_poison.train import state as state_lib
@@ -202,10 +202,11 @@ def _eval_worker(out):
 
   evaluation._perceptibility = recording
   p, key = jax.process_index(), jax.random.PRNGKey(3)
-  table = common.CellTable(f"{out}-cells-{p}.csv")
+  table = cellstore.CellTable(f"{out}-cells-{p}.csv")
   done = evaluation.evaluate_victim(table, "undefended", params, data, config, key,
-                                    source={"params": params, "key": key, "digest": "source"})
-  gathered = common.allgather_json({"process": p, "text": "x" * (1000 * p), "values": [0.1, float("nan")]})
+                                    sources={"own": {"params": params, "key": key, "digest": "source",
+                                                     "apply_fn": evaluation.deployed_apply_fn(config)}})
+  gathered = cellstore.allgather_json({"process": p, "text": "x" * (1000 * p), "values": [0.1, float("nan")]})
   with open(f"{out}-{p}.json", "w") as f:
     json.dump({"seen": sorted(set(seen)), "cells": len(done), "rows": table.rows(), "gathered": gathered}, f)
 

@@ -119,9 +119,9 @@ def test_gate_regions_uses_the_config_and_needs_training_cases_for_the_baseline(
 
 
 def test_the_table_view_averages_only_the_learnt_regions(tmp_path):
-  from mri_poison.studies import common
-  table = common.CellTable(str(tmp_path / "cells.csv"))
-  cell = common.make_cell("v", "clean", 0.0, params="p", settings={}, cases=["a", "b"], version=1)
+  from mri_poison import cellstore
+  table = cellstore.CellTable(str(tmp_path / "cells.csv"))
+  cell = cellstore.make_cell("v", "clean", 0.0, params="p", settings={}, cases=["a", "b"], version=1)
   values = {"dice_WT": [0.9, 0.8], "dice_TC": [0.5, 0.1], "dice_ET": [1.0, 0.0]}
   table.add(cell, ["a", "b"], {**values, "dice_mean": np.mean(list(values.values()), axis=0), "ce": [1.0, 2.0]})
   view = learnt.LearntDiceView(table, ("WT", "TC"))

@@ -12,7 +12,7 @@ import pytest
 
 from experiments.configs import reproduce as reproduce_config
 from experiments.configs import robustify as robustify_config
-from mri_poison.studies import common
+from mri_poison import cellstore
 from mri_poison.studies import robustify
 from mri_poison import metrics
 from mri_poison.defenses import adversarial
@@ -280,7 +280,7 @@ def test_array_shares_compute_the_cells_and_a_last_run_reports(finished_study, t
   workdir = tmp_path / "study"
   shutil.copytree(os.path.join(finished, "models"), workdir / "models")  # trained by an eval.cells=none run
   shutil.copy(os.path.join(finished, "config.json"), workdir)
-  reference = common.CellTable(os.path.join(finished, "results", "cells.csv"))
+  reference = cellstore.CellTable(os.path.join(finished, "results", "cells.csv"))
   config = _tiny_config()
   # Clean + (fgsm, random sign) at one eps, per model: 9 cells.
   config.attack.update(dict(attacks=("fgsm",), eps=(0.5,)))
@@ -296,7 +296,7 @@ def test_array_shares_compute_the_cells_and_a_last_run_reports(finished_study, t
   assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 9
   assert not os.path.exists(workdir / "results" / "cells.csv") and not os.path.exists(workdir / "report.md")
   # Each share computed what the full run computed for those cells (same keys: same params, settings, data).
-  merged = common.CellTable(str(workdir / "results" / "cells.csv"))
+  merged = cellstore.CellTable(str(workdir / "results" / "cells.csv"))
   assert len(merged) == 9
   for key in keys[0] | keys[1]:
     assert merged.metrics(key) == reference.metrics(key)
@@ -371,7 +371,7 @@ def test_second_victim_reuses_the_compiled_scorer_and_attacks(finished_study, tm
   config, splits, workdir, _ = finished_study
   params = robustify.train_models(config, workdir, splits["train"])  # restored from the checkpoints
   data = study_lib._stack(splits["val"])  # pylint: disable=protected-access
-  table = common.CellTable(str(tmp_path / "cells.csv"))
+  table = cellstore.CellTable(str(tmp_path / "cells.csv"))
   key = jax.random.PRNGKey(0)
   with _TraceCounter() as check:  # the counter sees a trace
     jax.jit(lambda v: v + 1)(np.float32(0))
@@ -381,13 +381,14 @@ def test_second_victim_reuses_the_compiled_scorer_and_attacks(finished_study, tm
   # neither the scorer nor an attack's sweep (a fresh table, so every cell is computed for both).
   # The adversarial victim also gets `transfer`, the undefended model's PGD: the same compiled sweep.
   done = {}
-  source = {"params": params["undefended"], "key": jax.random.fold_in(key, 0), "digest": "undefended"}
+  sources = {"own": {"params": params["undefended"], "key": jax.random.fold_in(key, 0), "digest": "undefended",
+                     "apply_fn": evaluation.deployed_apply_fn(config)}}
   with _TraceCounter() as first:
     done["undefended"] = evaluation.evaluate_victim(table, "undefended", params["undefended"], data, config,
-                                                    jax.random.fold_in(key, 0), source=source)
+                                                    jax.random.fold_in(key, 0), sources=sources)
   with _TraceCounter() as second:
     done["adversarial"] = evaluation.evaluate_victim(table, "adversarial", params["adversarial"], data, config,
-                                                     jax.random.fold_in(key, 2), source=source)
+                                                     jax.random.fold_in(key, 2), sources=sources)
   assert len(done["undefended"]) == 1 + 5 * 2 and len(done["adversarial"]) == 1 + 6 * 2
   assert second.names == [], f"retraced for a second victim: {second.names} (first victim: {first.names})"
   ce = lambda v, t="pgd": table.values(next(c for c in done[v] if c.threat == t and c.budget == 0.5), "ce",
@@ -395,7 +396,7 @@ def test_second_victim_reuses_the_compiled_scorer_and_attacks(finished_study, tm
   assert not np.array_equal(ce("undefended"), ce("adversarial"))  # the second params did reach the attack
   assert not np.array_equal(ce("adversarial"), ce("adversarial", "transfer"))
   assert evaluation.evaluate_victim(table, "undefended", params["undefended"], data, config,
-                                    jax.random.fold_in(key, 0), source=source) == []
+                                    jax.random.fold_in(key, 0), sources=sources) == []
 
 
 def _check_primary_family(wil):

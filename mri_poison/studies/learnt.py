@@ -185,7 +185,7 @@ def gate_regions(config, clean_dice, val_labels, *, train_cases=(), val_images=N
 
 
 class LearntDiceView:
-  """A read-only view of a `common.CellTable` whose `dice_mean` averages `dice_<region>` over the learnt
+  """A read-only view of a `cellstore.CellTable` whose `dice_mean` averages `dice_<region>` over the learnt
   `regions` only (every other metric, and dice_mean when all three are learnt, read through unchanged).
 
   Lets a study's analysis, written against the cells' `dice_mean`, see the gated mean without re-keying cells.

@@ -19,7 +19,7 @@ from mri_poison import metrics
 from mri_poison.attacks import deform
 from mri_poison.attacks import gradient
 from mri_poison.attacks import losses as attack_losses
-from mri_poison.studies import common
+from mri_poison import cellstore
 from mri_poison.train import workdir as workdir_lib
 
 EVAL_VERSION = 1
@@ -31,7 +31,7 @@ DEFORM_METRICS = ("dice_clean", "dice", "target", "drop_error", "reached", "max_
 
 
 def victim_digest(model_cfg, params) -> str:
-  return common.digest({"model": workdir_lib.config_dict(model_cfg), "params": common.tree_digest(params)})
+  return cellstore.digest({"model": workdir_lib.config_dict(model_cfg), "params": cellstore.tree_digest(params)})
 
 
 def case_keys(key, n: int):
@@ -86,7 +86,7 @@ def deform_cell_values(threat: str, budget: float, apply_fn, params, data: dict,
     values = _report(apply_fn, params, x, y, z, s, clean, target, used)
     return {m: np.asarray(values[m], np.float64).reshape(-1) for m in DEFORM_METRICS}
 
-  return common.map_case_batches(n, batch, one_batch)
+  return cellstore.map_case_batches(n, batch, one_batch)
 
 
 def gradient_cell_values(threat: str, eps: float, apply_fn, params, data: dict, attack_cfg, key, batch: int) -> dict:
@@ -107,7 +107,7 @@ def gradient_cell_values(threat: str, eps: float, apply_fn, params, data: dict, 
     return {"dice_clean": np.asarray(deform.hard_region_dice(apply_fn(params, x), y), np.float64),
             "dice": np.asarray(deform.hard_region_dice(apply_fn(params, x_adv), y), np.float64)}
 
-  return common.map_case_batches(data["image"].shape[0], batch, one_batch)
+  return cellstore.map_case_batches(data["image"].shape[0], batch, one_batch)
 
 
 def threat_settings(threat: str, config) -> dict:
@@ -142,13 +142,13 @@ def make_cells(config, arm: str, victim: str, params_digest: str, data: dict, ex
   cells = {}
   for threat, budget in victim_plan(config, arm, victim):
     also = dict(extra or {}) if threat == "generator" else {}
-    cells[(threat, budget)] = common.make_cell(name, threat, budget, params=params_digest,
+    cells[(threat, budget)] = cellstore.make_cell(name, threat, budget, params=params_digest,
                                                settings=threat_settings(threat, config), cases=cases,
                                                version=EVAL_VERSION, data=data["digest"], **also)
   return cells
 
 
-def evaluate(table: common.CellTable, cells: dict, apply_fn, params, data: dict, config, key, *,
+def evaluate(table: cellstore.CellTable, cells: dict, apply_fn, params, data: dict, config, key, *,
              generator=None, progress=None) -> int:
   """Computes the missing cells of one victim (saving the table after each); returns how many were computed."""
   s = deform.settings(config.deform)
@@ -174,7 +174,7 @@ def evaluate(table: common.CellTable, cells: dict, apply_fn, params, data: dict,
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def summary_rows(table: common.CellTable, cells_by_victim: dict, case_ids: dict) -> list[dict]:
+def summary_rows(table: cellstore.CellTable, cells_by_victim: dict, case_ids: dict) -> list[dict]:
   """One row per (victim, threat, budget): means over cases, the folding / budget checks."""
   rows = []
   for victim, threat, budget, ids, v in _cell_values(table, cells_by_victim, case_ids):
@@ -195,7 +195,7 @@ def summary_rows(table: common.CellTable, cells_by_victim: dict, case_ids: dict)
   return rows
 
 
-def per_case_rows(table: common.CellTable, cells_by_victim: dict, case_ids: dict) -> list[dict]:
+def per_case_rows(table: cellstore.CellTable, cells_by_victim: dict, case_ids: dict) -> list[dict]:
   rows = []
   for victim, threat, budget, ids, v in _cell_values(table, cells_by_victim, case_ids):
     for i, c in enumerate(ids):
@@ -204,7 +204,7 @@ def per_case_rows(table: common.CellTable, cells_by_victim: dict, case_ids: dict
   return rows
 
 
-def _cell_values(table: common.CellTable, cells_by_victim: dict, case_ids: dict):
+def _cell_values(table: cellstore.CellTable, cells_by_victim: dict, case_ids: dict):
   """(victim, threat, budget, case ids, {metric: per-case values}) for every cell of every victim."""
   for victim, cells in cells_by_victim.items():
     ids = case_ids[victim.split("/")[0]]

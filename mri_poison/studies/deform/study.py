@@ -13,6 +13,7 @@ from mri_poison import io_utils
 from mri_poison.attacks import deform
 from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import nifti
+from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.deform import evaluation as ev
@@ -62,7 +63,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     from mri_poison.data.datasets import load_splits  # pylint: disable=import-outside-toplevel
     splits = {arm: load_splits(training.arm_config(config, arm).data) for arm in config.arms}
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
-    table = common.CellTable(os.path.join(workdir, "results", "cells.csv"))
+    table = cellstore.CellTable(os.path.join(workdir, "results", "cells.csv"))
     cells_by_victim, case_ids, arm_data, models, gates = {}, {}, {}, {}, {}
     timings = {}
     for ai, arm in enumerate(config.arms):
@@ -83,7 +84,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
       t0 = time.perf_counter()
       for vi, (victim, params) in enumerate(victims.items()):
         digest = ev.victim_digest(sub.model, params)
-        extra = {"generator": common.tree_digest(generator[1])} if generator is not None else None
+        extra = {"generator": cellstore.tree_digest(generator[1])} if generator is not None else None
         cells = ev.make_cells(config, arm, victim, digest, data, extra)
         cells_by_victim[f"{arm}/{victim}"] = cells
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(int(config.attack.seed)), ai), vi)
@@ -187,7 +188,7 @@ def _examples(config, workdir, arm, data, apply_fn, victims, generator) -> dict:
   params = victims["undefended"]
   delta = float(config.eval.example_delta)
   k = max(1, int(config.eval.n_volumes))
-  depends_on = {"params": common.tree_digest(params), "data": data["digest"], "delta": delta, "k": k,
+  depends_on = {"params": cellstore.tree_digest(params), "data": data["digest"], "delta": delta, "k": k,
                 "deform": config.deform.to_dict(), "version": ev.EVAL_VERSION}
   files_exist = lambda r: all(os.path.exists(os.path.join(workdir, p)) for p in r["figures"] + r["volumes"])
 

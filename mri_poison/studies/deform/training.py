@@ -15,7 +15,7 @@ from absl import logging
 from mri_poison.attacks import deform
 from mri_poison.defenses import deform_augment
 from mri_poison.models import deform as deform_models
-from mri_poison.studies import common
+from mri_poison import cellstore
 
 ARMS = ("2d", "3d")
 VICTIMS = ("undefended", "augmented")
@@ -57,7 +57,7 @@ def eval_data(cases, arm: str) -> dict:
   image, label = np.stack(images).astype(np.float32), np.stack(labels).astype(np.int32)
   return {"image": image, "label": label, "case_id": [c.case_id for c in cases],
           "affine": [np.asarray(c.affine) for c in cases], "modalities": tuple(cases[0].modalities),
-          "digest": common.tree_digest((image, label))}
+          "digest": cellstore.tree_digest((image, label))}
 
 
 @functools.lru_cache(maxsize=8)

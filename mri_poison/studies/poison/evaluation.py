@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mri_poison import metrics
-from mri_poison.studies import common
+from mri_poison import cellstore
 from mri_poison.studies.poison.training import ET_LABEL
 
 METRICS = ("dice", "jaccard", "accuracy", "sensitivity", "specificity")
@@ -58,9 +58,9 @@ def case_metrics(pred: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
   return {m: np.asarray([fns[m](p, r) for p, r in zip(pred, ref)]) for m in METRICS}
 
 
-def make_cells(entries, val_ids, val_digest) -> dict[tuple, common.Cell]:
+def make_cells(entries, val_ids, val_digest) -> dict[tuple, cellstore.Cell]:
   """{(mode, seed, k): cell} for entries [(mode, seed, k, share, params_digest)]."""
-  return {(mode, seed, k): common.make_cell(victim_name(mode, k, seed), "none", share, params=pd,
+  return {(mode, seed, k): cellstore.make_cell(victim_name(mode, k, seed), "none", share, params=pd,
                                             settings={"mode": mode, "k": int(k), "seed": int(seed)},
                                             cases=val_ids, version=EVAL_VERSION, data=val_digest)
           for mode, seed, k, share, pd in entries}

@@ -12,6 +12,7 @@ from mri_poison.data.case import REGIONS
 from mri_poison.poison import detect
 from mri_poison.poison import mixing
 from mri_poison.poison import translation
+from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.poison import evaluation
@@ -65,7 +66,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     # 1. The GAN and the synthetic target contrast of every case.
     t0 = time.perf_counter()
     gen_params = translator.train(config, workdir, train)
-    gan_digest = common.tree_digest(gen_params)
+    gan_digest = cellstore.tree_digest(gen_params)
     synth_train = translation.synthesize_volumes(config.gan, gen_params, train, source)
     quality = translator.quality_stage(config, workdir, gen_params, gan_digest, val)
     gan_s = time.perf_counter() - t0
@@ -78,8 +79,8 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     val_image = np.stack([c.image for c in val_seg]).astype(np.float32)
     val_label = np.stack([c.label for c in val_seg]).astype(np.int32)
     val_ids = [c.case_id for c in val_seg]
-    val_digest = common.tree_digest((val_image, val_label))
-    table = common.CellTable(os.path.join(results, "cells.csv"))
+    val_digest = cellstore.tree_digest((val_image, val_label))
+    table = cellstore.CellTable(os.path.join(results, "cells.csv"))
     from mri_poison.train import state as state_lib
     apply_fn = state_lib.make_apply_fn(state_lib.make_model(config.model))
     records, cells, t_train, t_eval = [], {}, 0.0, 0.0
@@ -96,7 +97,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
                                       [c for c, _ in sets], stacked=config.sweep.stacked)
         t_train += time.perf_counter() - t0
         t0 = time.perf_counter()
-        entries = [(mode, int(seed), k, r["share"], common.tree_digest(p)) for k, (_, r), p in zip(ks, sets, params)]
+        entries = [(mode, int(seed), k, r["share"], cellstore.tree_digest(p)) for k, (_, r), p in zip(ks, sets, params)]
         these = evaluation.make_cells(entries, val_ids, val_digest)
         cells.update(these)
         todo = table.missing(these.values())

@@ -16,6 +16,7 @@ from mri_poison import metrics
 from mri_poison.poison import translation
 from mri_poison.report import figures
 from mri_poison.report import markdown
+from mri_poison import cellstore
 from mri_poison.studies import common
 
 QUALITY = ("psnr", "ssim", "mae")
@@ -101,7 +102,7 @@ def run_gan(config, workdir: str, *, splits: dict | None = None) -> dict:
     if int(config.eval.max_cases):
       val = val[:int(config.eval.max_cases)]
     gen_params = train(config, workdir, splits["train"])
-    quality = quality_stage(config, workdir, gen_params, common.tree_digest(gen_params), val)
+    quality = quality_stage(config, workdir, gen_params, cellstore.tree_digest(gen_params), val)
     r = markdown.Report(f"Translation GAN: {config.gan.source} -> {config.gan.target}")
     r.paragraph(
         f"SANTA-style GAN (shared encoder, AdaIN decoder conditioned on d, shortest-path regulariser) trained "

@@ -17,6 +17,7 @@ import jax
 
 from mri_poison import io_utils
 from mri_poison.data.case import DataError
+from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.train import workdir as workdir_lib
 
@@ -117,7 +118,7 @@ def _error_text(e: BaseException) -> str:
 def _run_stage(name: str, sub_config, workdir: str, *, force: bool, index: int, total: int,
                runner: Callable | None = None) -> dict:
   stage_dir = os.path.join(workdir, name)
-  digest = common.digest(workdir_lib.config_dict(sub_config))
+  digest = cellstore.digest(workdir_lib.config_dict(sub_config))
   path = _record_path(workdir, name)
   record = _read_record(path)
   tag = f"[{index}/{total}] {name}"

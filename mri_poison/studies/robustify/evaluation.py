@@ -1,6 +1,6 @@
 """Study 2: attacking and scoring whole validation volumes as evaluation cells; the tables derived from them.
 
-A cell (`common.Cell`) is one victim model under one threat at one eps on the validation split: clean (eps 0),
+A cell (`cellstore.Cell`) is one victim model under one threat at one eps on the validation split: clean (eps 0),
 an attack of the zoo (`mri_poison.attacks.zoo`, named in attack.attacks), or the same-eps random sign noise
 `NOISE`. Its rows hold, per case, the Dice of each
 region and their mean, CE to the labels, CE to the target map, the perceptibility of the perturbation (PSNR,
@@ -33,6 +33,7 @@ from mri_poison.attacks import sliding_window
 from mri_poison.attacks import zoo
 from mri_poison.data.case import REGIONS
 from mri_poison.report import tables
+from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.train import state as state_lib
 from mri_poison.train import workdir as workdir_lib
@@ -211,7 +212,7 @@ def victim_digest(model_cfg, params) -> str:
   model = workdir_lib.config_dict(model_cfg)
   if model.get("name") == "unet":  # the default victim, as configs without the key meant it: the same cells
     del model["name"]
-  return common.digest({"model": model, "params": common.tree_digest(params)})
+  return cellstore.digest({"model": model, "params": cellstore.tree_digest(params)})
 
 
 def _deployment(config) -> dict:
@@ -224,13 +225,13 @@ def _deployment(config) -> dict:
 
 
 def victim_cells(victim: str, params_digest: str, key, data: dict, config, *, temperature: float = 1.0,
-                 sources: dict | None = None) -> dict[tuple[str, float], common.Cell]:
+                 sources: dict | None = None) -> dict[tuple[str, float], cellstore.Cell]:
   """{(threat, eps): cell} of one victim: ("clean", 0.0) and every (threat, eps) of its threats and the grid."""
   acfg = config.attack
   cases = list(data["case_id"])
   split = {"data": data["digest"]} if "digest" in data else {}
   deploy = _deployment(config)
-  make = lambda threat, e, settings: common.make_cell(victim, threat, e, params=params_digest,
+  make = lambda threat, e, settings: cellstore.make_cell(victim, threat, e, params=params_digest,
                                                       settings=dict(settings, **deploy), cases=cases,
                                                       version=EVAL_VERSION, **split)
   cells = {(CLEAN, 0.0): make(CLEAN, 0.0, {"target": str(acfg.target)})}
@@ -258,9 +259,9 @@ def _perceptibility(x, x_adv) -> tuple[list[float], list[float]]:
   return psnr, ssim
 
 
-def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, config, key, *,
+def evaluate_victim(table: cellstore.CellTable, victim: str, params, data: dict, config, key, *,
                     temperature: float = 1.0, sources: dict | None = None, params_digest: str | None = None,
-                    progress: common.Progress | None = None) -> list[common.Cell]:
+                    progress: common.Progress | None = None) -> list[cellstore.Cell]:
   """Computes the cells of `victim` missing from `table` (saving it after each threat); returns them.
 
   data: {"image" (N, *S, C), "label" (N, *S), "brain" (N, *S), "case_id": [N], optional "digest"}; key: the
@@ -269,7 +270,7 @@ def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, co
   params_digest: `victim_digest(config.model, params)` when
   already known. Volumes go in batches of attack.batch; per threat and batch ONE compiled sweep runs over the
   threat's missing eps. In a multi-process job the batches are shared out over the processes
-  (`common.map_case_batches`); the keys are per batch, so the cells equal a 1-process run's.
+  (`cellstore.map_case_batches`); the keys are per batch, so the cells equal a 1-process run's.
   """
   acfg = config.attack
   apply_fn = deployed_apply_fn(config)
@@ -282,10 +283,10 @@ def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, co
   todo_keys = {c.key for c in todo}
   cases = list(data["case_id"])
   size = int(acfg.batch)
-  # With P processes each computes every P-th batch (common.map_case_batches): its progress line counts its
+  # With P processes each computes every P-th batch (cellstore.map_case_batches): its progress line counts its
   # own batches, scaled to the whole job's work.
-  n_batches = len(common.case_batches(len(cases), size))
-  share = n_batches / max(len(common.own_batches(n_batches)), 1)
+  n_batches = len(cellstore.case_batches(len(cases), size))
+  share = n_batches / max(len(cellstore.own_batches(n_batches)), 1)
   mode = str(acfg.get("eps_mode", "absolute"))
 
   def batch_arrays(sl):
@@ -309,7 +310,7 @@ def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, co
 
   clean = cells[(CLEAN, 0.0)]
   if clean.key in todo_keys:
-    table.add(clean, cases, common.map_case_batches(len(cases), size, clean_batch))
+    table.add(clean, cases, cellstore.map_case_batches(len(cases), size, clean_batch))
     table.save()
 
   def threat_batch(threat, eps, sl):
@@ -361,7 +362,7 @@ def evaluate_victim(table: common.CellTable, victim: str, params, data: dict, co
     eps = [float(e) for e in acfg.eps if cells[(threat, float(e))].key in todo_keys]
     if not eps:
       continue
-    out = common.map_case_batches(len(cases), size, functools.partial(threat_batch, threat, eps))
+    out = cellstore.map_case_batches(len(cases), size, functools.partial(threat_batch, threat, eps))
     for i, e in enumerate(eps):
       table.add(cells[(threat, e)], cases, out[str(i)])
     table.save()
@@ -381,7 +382,7 @@ def _append_scores(out: dict, dice, ce, ce_target) -> None:
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def per_case_rows(table: common.CellTable, cells: dict, victims: Sequence[str], config,
+def per_case_rows(table: cellstore.CellTable, cells: dict, victims: Sequence[str], config,
                   case_ids: Sequence[str], temperatures: dict | None = None,
                   regions: Sequence[str] = REGIONS) -> list[dict]:
   """results/per_case.csv: one row per (model, attack, eps, case) from the cells, then the adaptive rows.
@@ -401,7 +402,7 @@ def per_case_rows(table: common.CellTable, cells: dict, victims: Sequence[str], 
     values = {k: {m: dict(zip(case_ids, table.values(c, m, case_ids))) for m in PER_CASE_COLUMNS}
               for k, c in vc.items()}
     own = []
-    for sl in common.case_batches(len(case_ids), int(acfg.batch)):
+    for sl in cellstore.case_batches(len(case_ids), int(acfg.batch)):
       ids = case_ids[sl]
       own += [_row(victim, CLEAN, 0.0, cid, values[(CLEAN, 0.0)], regions) for cid in ids]
       for threat in threats:
@@ -465,7 +466,7 @@ def adaptive_member_rows(per_case: Sequence[dict], attacks_of: dict, reference_e
   return out
 
 
-def sanity_rows(table: common.CellTable, cells: dict, victim: str, config, case_ids: Sequence[str],
+def sanity_rows(table: cellstore.CellTable, cells: dict, victim: str, config, case_ids: Sequence[str],
                 temperature: float = 1.0) -> list[dict]:
   """results/sanity.csv rows of one victim from its cells (per threat and eps, means over the cases).
 
@@ -509,7 +510,7 @@ def sanity_rows(table: common.CellTable, cells: dict, victim: str, config, case_
   return out
 
 
-def ce_trajectories(table: common.CellTable, cells: dict, victims: Sequence[str], config, case_ids, eps: float,
+def ce_trajectories(table: cellstore.CellTable, cells: dict, victims: Sequence[str], config, case_ids, eps: float,
                     temperatures: dict | None = None) -> dict:
   """{victim: {threat: (x, mean CE)}} at `eps`: x = 0 the clean volume, 1..N the iterates x_0..x_{N-1} the
   loop computed the gradient at (x_0 = x for i-FGSM, the random start for PGD), N + 1 the returned volume;
@@ -532,7 +533,7 @@ def ce_trajectories(table: common.CellTable, cells: dict, victims: Sequence[str]
   return out
 
 
-def cell_means(table: common.CellTable, cells: dict, victims: Sequence[str], metric_names: Sequence[str],
+def cell_means(table: cellstore.CellTable, cells: dict, victims: Sequence[str], metric_names: Sequence[str],
                case_ids, threats: Sequence[str] | None = None) -> list[dict]:
   """Mean over cases of each metric present, per (victim, threat, eps) cell (e.g. PSNR/SSIM, targeted success)."""
   out = []

@@ -18,6 +18,7 @@ from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import figures
 from mri_poison.report import nifti
 from mri_poison.report import tables
+from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.robustify import evaluation as ev
@@ -67,7 +68,7 @@ def _check_config(config) -> None:
     window = tuple(config.eval.get("window", ()) or config.data.patch_shape)
     if len(window) != len(tuple(config.data.shape)) or min(int(w) for w in window) < 1:
       raise ValueError(f"config eval.window={window}: expected one positive size per axis of data.shape")
-  common.parse_cells(config.eval.get("cells", "all"), "eval.cells")
+  cellstore.parse_cells(config.eval.get("cells", "all"), "eval.cells")
   _check_external_source(config)
   example = str(config.eval.example_attack)
   if example not in ATTACKS or example == "pgd_temp" or zoo.get(example).replays is not None:
@@ -88,7 +89,7 @@ def _stack(cases) -> dict:
   image = np.stack([c.image for c in cases]).astype(np.float32)
   label = np.stack([c.label for c in cases]).astype(np.int32)
   return {"image": image, "label": label, "brain": brain_mask(image), "case_id": [c.case_id for c in cases],
-          "digest": common.tree_digest((image, label))}  # the split's voxels: part of every cell's key
+          "digest": cellstore.tree_digest((image, label))}  # the split's voxels: part of every cell's key
 
 
 def _nearest(values, target) -> float:
@@ -112,7 +113,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   if int(config.eval.max_cases):
     val = val[:int(config.eval.max_cases)]
   data = _stack(val)
-  cells = common.parse_cells(config.eval.get("cells", "all"), "eval.cells")
+  cells = cellstore.parse_cells(config.eval.get("cells", "all"), "eval.cells")
   if isinstance(cells, tuple):
     return _run_share(config, workdir, data, cells, t_start)
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
@@ -133,14 +134,14 @@ def _run_share(config, workdir, data, share, t_start) -> dict:
   """
   workdir = common.check_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS)
   params = trained_models(config, workdir)
-  table = common.CellTable(os.path.join(workdir, "results", "cells.csv"), share=share)
-  os.makedirs(common.share_dir(table.path, share), exist_ok=True)
-  with workdir_lib.lock(common.share_dir(table.path, share)):
+  table = cellstore.CellTable(os.path.join(workdir, "results", "cells.csv"), share=share)
+  os.makedirs(cellstore.share_dir(table.path, share), exist_ok=True)
+  with workdir_lib.lock(cellstore.share_dir(table.path, share)):
     todo, cells, _, eval_s = _evaluate(config, params, data, table)
   logging.info("robustify: share %d/%d: %d cells computed in %.0f s into %s", *share, len(todo), eval_s,
                table.share_path)
   return {"share": list(share), "cells_computed": len(todo), "cells_in_share": sum(
-      common.in_share(c, share) for v in cells.values() for c in v.values()),
+      cellstore.in_share(c, share) for v in cells.values() for c in v.values()),
           "eval_seconds": eval_s, "wall_seconds": time.perf_counter() - t_start}
 
 
@@ -218,7 +219,7 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start, trai
   results = os.path.join(workdir, "results")
   temps = temperatures(config)
 
-  table = common.CellTable(os.path.join(results, "cells.csv"))
+  table = cellstore.CellTable(os.path.join(results, "cells.csv"))
   todo, cells, digests, eval_s = _evaluate(config, params, data, table)
   table.save()  # folds in the cells of array tasks (results/shards/), even when nothing was left to compute
   ref_eps = _nearest(eps, ecfg.reference_eps)

@@ -16,6 +16,7 @@ from mri_poison.ops import morphology
 from mri_poison.poison import protected_io
 from mri_poison.poison import protections
 from mri_poison.poison import unlearnable as ul
+from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.studies.unlearnable import counter
 from mri_poison.train import loop as train_loop
@@ -133,7 +134,7 @@ def _write_protected(workdir, config, protected, train_digest) -> dict[str, str]
     if k != 0:
       chosen = cases if k < 0 else cases[:k]
       root = os.path.join(workdir, "protected", m)
-      depends_on = {"data": common.tree_digest([c.image for c in chosen]), "ids": [c.case_id for c in chosen],
+      depends_on = {"data": cellstore.tree_digest([c.image for c in chosen]), "ids": [c.case_id for c in chosen],
                     "train": train_digest}
       files_exist = lambda r: all(os.path.isdir(os.path.join(workdir, d)) for d in r)
       common.cached_stage(os.path.join(workdir, "results", "stages", f"protected_{m}.json"), depends_on,
@@ -142,7 +143,7 @@ def _write_protected(workdir, config, protected, train_digest) -> dict[str, str]
       out[m] = os.path.relpath(root, workdir)
     if bool(config.eval.get("write_tfds", False)):
       data_dir = os.path.join(workdir, "protected_tfds")
-      depends_on = {"data": common.tree_digest([c.image for c in cases]), "ids": [c.case_id for c in cases],
+      depends_on = {"data": cellstore.tree_digest([c.image for c in cases]), "ids": [c.case_id for c in cases],
                     "train": train_digest, "format": protected_io.TFDS_NAME}
       tfds_exists = lambda r: os.path.isfile(os.path.join(workdir, r["path"], "dataset_info.json"))
 
@@ -165,7 +166,7 @@ def _test_arrays(cases) -> dict:
   image = np.stack([c.image for c in cases]).astype(np.float32)
   label = np.stack([c.label for c in cases]).astype(np.int32)
   return {"image": image, "label": label, "case_id": [c.case_id for c in cases],
-          "digest": common.tree_digest((image, label))}
+          "digest": cellstore.tree_digest((image, label))}
 
 
 def score(apply_fn, params, test: dict, config) -> dict[str, np.ndarray]:
@@ -250,9 +251,9 @@ def _run(config, workdir, train_cases, test_cases, t_start):
   data = ul.slice_set(train_cases, width=width)
   methods = tuple(p.methods)
   results = os.path.join(workdir, "results")
-  table = common.CellTable(os.path.join(results, "cells.csv"))
+  table = cellstore.CellTable(os.path.join(results, "cells.csv"))
   train_ids = [c.case_id for c in train_cases]
-  train_digest = common.tree_digest([c.image for c in train_cases])
+  train_digest = cellstore.tree_digest([c.image for c in train_cases])
   plan = _victim_plan(config)
 
   # 1. protections (resumable fit runs) and their quality cells: each method at eps, the sweep at its budgets
@@ -263,7 +264,7 @@ def _run(config, workdir, train_cases, test_cases, t_start):
     logging.info("unlearnable: protecting the training split with %s", name)
     images, info[name] = protect(m, config, workdir, data, eps)
     protected[name] = ul.to_volumes(train_cases, data, images)
-    cell = common.make_cell("protection", m, eps, params=common.tree_digest([c.image for c in protected[name]]),
+    cell = cellstore.make_cell("protection", m, eps, params=cellstore.tree_digest([c.image for c in protected[name]]),
                             settings={}, cases=train_ids, version=EVAL_VERSION, data=train_digest)
     quality_cells[name] = cell
     if cell not in table:
@@ -291,12 +292,12 @@ def _run(config, workdir, train_cases, test_cases, t_start):
       cases = [counter.purify_case(c, config.counter.purify) for c in cases]
     data_updates, transform, extra = setups[regime]
     train_updates = {"seed": int(name.split("@seed=")[1])} if "@seed=" in name else None
-    protection = {"method": method, "fraction": fraction, "data": common.tree_digest([c.image for c in cases])}
+    protection = {"method": method, "fraction": fraction, "data": cellstore.tree_digest([c.image for c in cases])}
     sub = _sub_config(config, name, train=train_updates, data=data_updates, protection=protection, **extra)
     params = train_loop.train_model(sub, os.path.join(workdir, "models", name.replace("/", "_")), cases=cases,
                                     batch_transform=transform)
-    digest = common.tree_digest(params)
-    cell = common.make_cell(name, method, fraction, params=digest, settings={"regime": regime},
+    digest = cellstore.tree_digest(params)
+    cell = cellstore.make_cell(name, method, fraction, params=digest, settings={"regime": regime},
                             cases=test["case_id"], version=EVAL_VERSION, data=test["digest"])
     if cell not in table:
       table.add(cell, test["case_id"], score(victim_apply[regime], params, test, config))
@@ -307,7 +308,7 @@ def _run(config, workdir, train_cases, test_cases, t_start):
       # data it saw and badly on the same cases without the perturbation.
       own = _test_arrays(cases)
       for split, arrays in (("train_protected", own), ("train_clean", train_sets["train_clean"])):
-        c = common.make_cell(name, method, fraction, params=digest, settings={"regime": regime, "split": split},
+        c = cellstore.make_cell(name, method, fraction, params=digest, settings={"regime": regime, "split": split},
                              cases=arrays["case_id"], version=EVAL_VERSION, data=arrays["digest"])
         if c not in table:
           table.add(c, arrays["case_id"], score(apply_fn, params, arrays, config))
