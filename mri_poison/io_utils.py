@@ -58,6 +58,26 @@ def write_csv(path, rows: Iterable[Mapping[str, Any]], fieldnames: list[str] | N
     w.writerows(rows)
 
 
+def read_csv(path) -> list[dict[str, Any]]:
+  """The rows `write_csv` wrote, with their values typed again: int, float (nan and inf included), bool or str.
+
+  An empty field is a key the row did not have (DictWriter fills those with ""), so it is left out.
+  """
+  with open(path, newline="") as f:
+    return [{k: _typed(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def _typed(text: str):
+  if text in ("True", "False"):
+    return text == "True"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
 def append_jsonl(path, obj: Mapping[str, Any]) -> None:
   """Appends one line; a crash mid-write leaves at most a truncated last line, which readers skip."""
   with open(path, "a") as f:

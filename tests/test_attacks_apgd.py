@@ -73,4 +73,5 @@ def test_masked_losses_ignore_wrong_voxels_and_balance_the_classes():
   np.testing.assert_allclose(np.asarray(sea.class_balance(labels, None, 2)), [[0.25, 0.25, 0.25, 0.75]])
   ce = np.asarray(seg_losses.voxel_cross_entropy(logits, labels))[0]
   expected = (0.25 * ce[0] + 0.25 * ce[2] + 0.75 * ce[3]) / 4
-  np.testing.assert_allclose(float(sea._balanced_masked_ce(logits, labels, None, 0, 1)[0]), expected, rtol=1e-6)  # pylint: disable=protected-access
+  got = sea._balanced_masked_ce(logits, labels, None, 0, 1)  # pylint: disable=protected-access
+  np.testing.assert_allclose(float(got[0]), expected, rtol=1e-6)

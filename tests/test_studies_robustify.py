@@ -275,6 +275,25 @@ def test_transfer_from_another_trained_model(finished_study, tmp_path):
   assert "`transfer_model`'s source: `" + config.attack.transfer_model in open(os.path.join(workdir, "report.md")).read()
 
 
+def test_report_renders_again_from_the_result_files_alone(finished_study, tmp_path):
+  """experiments.render rebuilds report.md from results/, headline.json and config.json: the same text, with no
+  model, cell table or compiler in reach (they are deleted first)."""
+  import subprocess
+  import sys
+  _, _, finished, _ = finished_study
+  workdir = str(tmp_path / "study")
+  shutil.copytree(finished, workdir, ignore=shutil.ignore_patterns("models", "cells.csv"))
+  written = open(os.path.join(finished, "report.md")).read()
+  os.remove(os.path.join(workdir, "report.md"))
+  out = subprocess.run([sys.executable, "-m", "experiments.render", "--workdir", workdir], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+  assert "report.md" in out.stdout
+  assert open(os.path.join(workdir, "report.md")).read() == written
+  os.remove(os.path.join(workdir, "results", "summary.csv"))
+  with pytest.raises(FileNotFoundError, match="summary.csv"):
+    robustify.render(workdir)
+
+
 def test_array_shares_compute_the_cells_and_a_last_run_reports(finished_study, tmp_path):
   config, splits, finished, _ = finished_study
   workdir = tmp_path / "study"

@@ -16,7 +16,8 @@ register(Protection(NONE, 0, "no protection (clean training data)", _none))
 register(Protection("random", 1, "random sign noise of the same L-inf budget on the brain",
                     lambda a: (np.asarray(ul.random_noise(a.stream(1), a.data, a.eps)), {})))
 register(Protection("classwise", 2, "class-wise random noise: one fixed random sign pattern per label class and "
-                    "position", lambda a: (np.asarray(ul.classwise_noise(a.stream(4), a.data, a.eps, a.n_classes)), {})))
+                    "position",
+                    lambda a: (np.asarray(ul.classwise_noise(a.stream(4), a.data, a.eps, a.n_classes)), {})))
 register(Protection("classpattern", 3, "class pattern: one 2x2 sign tile per label class repeated over the slice "
                     "(positive control: a shortcut a convolution reads anywhere)",
                     lambda a: (np.asarray(ul.classpattern_noise(a.stream(5), a.data, a.eps, a.n_classes,

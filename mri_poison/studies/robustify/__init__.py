@@ -26,5 +26,5 @@ report (report.md), study (`run`).
 """
 from mri_poison.studies.robustify.evaluation import (ADAPTIVE, ATTACKS, CLEAN, DICE_COLUMNS, NOISE, TARGETS, THREATS,
                                                      halving_budget, halving_budget_ci)
-from mri_poison.studies.robustify.study import RESUMABLE_KEYS, check, run
+from mri_poison.studies.robustify.study import RESUMABLE_KEYS, check, render, run
 from mri_poison.studies.robustify.training import MODELS, train_models, training_budgets

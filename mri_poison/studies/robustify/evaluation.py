@@ -700,8 +700,8 @@ def robust_fraction_rows(per_case: list[dict], models, attacks_of: dict, eps, fa
 def masking_rows(per_case: list[dict], sanity: Sequence[dict], models: Sequence[str], eps: Sequence[float],
                  reference_eps: float, collapse_dice: float = 0.1) -> list[dict]:
   """Signs of gradient masking per model (means over cases): saturated-softmax fraction; at the reference eps
-  the best deployed-logit CE attack (T = 1, the zoo's `deployed_ce` attacks) vs adaptive (gap > 0: T = 1 attacks overstate
-  robustness), transfer vs direct PGD (transfer lower: the direct gradient is masked); adaptive Dice at the
+  the best deployed-logit CE attack (T = 1, the zoo's `deployed_ce` attacks) vs adaptive (gap > 0: T = 1
+  attacks overstate robustness), transfer vs direct PGD (transfer lower: the direct gradient is masked); adaptive Dice at the
   largest eps (collapse: below `collapse_dice`, from a clean mean Dice at least twice that, so a model that never
   segmented cannot "collapse"); the share of untargeted attacks whose plain CE rose."""
   ref, top = float(reference_eps), max(float(e) for e in eps)

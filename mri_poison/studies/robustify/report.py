@@ -66,7 +66,7 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
                                  h.get("ci_high", float("nan")))})
   r.table(rows, ["model", "clean", "t1", "adaptive", "ci", "drop", "half"], formats={"drop": lambda v: f"{v:.1f}"},
           caption=f"Mean Dice (average of the learnt regions over volumes) clean, under the strongest T = 1 CE attack "
-                  f"(the paper's protocol: best mean of {', '.join(a for a in zoo.names() if a in acfg.attacks and zoo.get(a).deployed_ce)}) "
+                  f"(the paper's protocol: best mean of {', '.join(_deployed_ce(acfg))}) "
                   f"and under the adaptive attack at eps = {ref:g}; relative drop = 100 (1 - adaptive mean "
                   "Dice / clean mean Dice) of the same model; eps_1/2: the budget at which the adaptive mean Dice "
                   "curve halves (interpolated in log eps between grid points) with a bootstrap 95 % CI over cases "
@@ -263,6 +263,11 @@ def write_report(config, workdir, res: dict, headline: dict, figs: dict, example
       "`config.json`, `manifest.json`: the resolved config and the run's versions/devices.",
   ])
   r.write(os.path.join(workdir, "report.md"))
+
+
+def _deployed_ce(acfg) -> list[str]:
+  """The configured attacks on the deployed logits with a CE loss (the paper's protocol), in the zoo's order."""
+  return [a for a in zoo.names() if a in acfg.attacks and zoo.get(a).deployed_ce]
 
 
 def _settings_text(attack: str, acfg) -> str:

@@ -8,6 +8,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -125,6 +126,34 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     return _evaluate_and_report(config, workdir, params, data, val, t_start, train)
 
 
+RESULT_TABLES = {"summary": "summary.csv", "comparisons": "wilcoxon.csv", "robust": "robust_fraction.csv",
+                 "sanity": "sanity.csv", "halving": "halving_budget.csv", "masking": "masking.csv",
+                 "perceptibility": "perceptibility.csv", "targeted": "targeted.csv", "members": "adaptive_members.csv"}
+FIGURES = {"adaptive": "adaptive_dice_vs_eps.png", "dice": "dice_vs_eps.png", "ce": "ce_trajectory.png"}
+
+
+def render(workdir: str) -> str:
+  """report.md of a finished workdir written again from its result files alone (results/*.csv, headline.json,
+  the example stage, config.json): nothing is trained, attacked or scored. Returns the report's path."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  results = os.path.join(workdir, "results")
+  needed = [os.path.join(results, f) for f in list(RESULT_TABLES.values()) + ["headline.json"]] + [
+      os.path.join(workdir, "config.json"), os.path.join(results, "stages", "example.json")]
+  missing = [p for p in needed if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"{workdir} is not a finished study 2 workdir: missing {missing}")
+  config = ml_collections.ConfigDict(workdir_lib.read_json(os.path.join(workdir, "config.json"), workdir)["config"])
+  temps = temperatures(config)
+  res = {k: io_utils.read_csv(os.path.join(results, f)) for k, f in RESULT_TABLES.items()}
+  res.update(temperatures=temps, attacks_of={m: [t for t in ev.victim_threats(m, temps[m], config.attack.attacks)
+                                                 if t != NOISE] for m in MODELS})
+  headline = workdir_lib.read_json(os.path.join(results, "headline.json"), workdir)
+  example = workdir_lib.read_json(os.path.join(results, "stages", "example.json"), workdir)["result"]
+  figs = {k: os.path.join(workdir, "figures", f) for k, f in FIGURES.items()}
+  write_report(config, workdir, res, headline, figs, _with_paths(workdir, example))
+  return os.path.join(workdir, "report.md")
+
+
 def _run_share(config, workdir, data, share, t_start) -> dict:
   """One array task: the missing cells of share (i, K) into results/shards/<i>-of-<K>/cells.csv.
 
@@ -234,28 +263,29 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start, trai
   for r in summary:
     # Relative drop: 100 (1 - mean attacked Dice / mean clean Dice) of the same model, over the same cases.
     r["drop_pct"] = 100.0 * (1.0 - r["dice_mean_mean"] / clean_mean[r["model"]]) if clean_mean[r["model"]] else 0.0
-  io_utils.write_csv(os.path.join(results, "summary.csv"), summary)
+  io_utils.write_csv(os.path.join(results, RESULT_TABLES["summary"]), summary)
   comparisons = ev.comparison_rows(per_case, MODELS, eps, ref_eps)
-  io_utils.write_csv(os.path.join(results, "wilcoxon.csv"), comparisons)
+  io_utils.write_csv(os.path.join(results, RESULT_TABLES["comparisons"]), comparisons)
   attacks_of = {m: [t for t in ev.victim_threats(m, temps[m], acfg.attacks) if t != NOISE] for m in MODELS}
   members = ev.adaptive_member_rows(per_case, attacks_of, ref_eps)
-  io_utils.write_csv(os.path.join(results, "adaptive_members.csv"), members)
+  io_utils.write_csv(os.path.join(results, RESULT_TABLES["members"]), members)
   robust = ev.robust_fraction_rows(per_case, MODELS, attacks_of, eps, float(ecfg.robust_factor))
-  io_utils.write_csv(os.path.join(results, "robust_fraction.csv"), robust)
+  io_utils.write_csv(os.path.join(results, RESULT_TABLES["robust"]), robust)
   sanity = [r for m in MODELS for r in ev.sanity_rows(table, cells, m, config, case_ids, temps[m])]
-  io_utils.write_csv(os.path.join(results, "sanity.csv"), sanity)
+  io_utils.write_csv(os.path.join(results, RESULT_TABLES["sanity"]), sanity)
   halving = ev.halving_rows(per_case, MODELS, eps, n_boot=n_boot, seed=seed)
-  io_utils.write_csv(os.path.join(results, "halving_budget.csv"), halving)
+  io_utils.write_csv(os.path.join(results, RESULT_TABLES["halving"]), halving)
   masking = ev.masking_rows(per_case, sanity, MODELS, eps, ref_eps, float(ecfg.get("collapse_dice", 0.1)))
-  io_utils.write_csv(os.path.join(results, "masking.csv"), masking)
+  io_utils.write_csv(os.path.join(results, RESULT_TABLES["masking"]), masking)
   percept = ev.cell_means(table, cells, [ev.SOURCE], ("psnr", "ssim"), case_ids)
-  io_utils.write_csv(os.path.join(results, "perceptibility.csv"), percept)
-  targeted = ev.cell_means(table, cells, MODELS, ev.SUCCESS_COLUMNS, case_ids, threats=[a for a in ev.ATTACKS if ev.is_targeted(a)])
+  io_utils.write_csv(os.path.join(results, RESULT_TABLES["perceptibility"]), percept)
+  targeted = ev.cell_means(table, cells, MODELS, ev.SUCCESS_COLUMNS, case_ids,
+                           threats=[a for a in ev.ATTACKS if ev.is_targeted(a)])
   clean_left = {m: float(np.nanmean(table.values(cells[m][(ev.CLEAN, 0.0)], "tumour_left", case_ids)))
                 for m in MODELS}
   for r in targeted:
     r["tumour_left_clean"] = clean_left[r["model"]]
-  io_utils.write_csv(os.path.join(results, "targeted.csv"), targeted)
+  io_utils.write_csv(os.path.join(results, RESULT_TABLES["targeted"]), targeted)
 
   # Figures: (1) the headline, every model under the adaptive attack up to collapse; (2) one panel per model,
   # one line per attack; bands: bootstrap 95 % CI of the mean; (3) the plain-CE trajectories at the reference eps.
@@ -269,14 +299,14 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start, trai
   figs = {
       "adaptive": figures.dice_vs_eps(
           {"adaptive (worst case per volume)": {m: curves[m][ev.ADAPTIVE] for m in MODELS}},
-          os.path.join(workdir, "figures", "adaptive_dice_vs_eps.png"),
+          os.path.join(workdir, "figures", FIGURES["adaptive"]),
           ci={"adaptive (worst case per volume)": {m: ci[m][ev.ADAPTIVE] for m in MODELS}},
           title=f"Mean Dice under the adaptive attack ({n} volumes; band: bootstrap 95 % CI)"),
-      "dice": figures.dice_vs_eps(curves, os.path.join(workdir, "figures", "dice_vs_eps.png"), ci=ci,
+      "dice": figures.dice_vs_eps(curves, os.path.join(workdir, "figures", FIGURES["dice"]), ci=ci,
                                   title=f"Dice vs eps ({n} validation volumes; band: bootstrap 95 % CI of the mean)"),
       "ce": figures.line_panels(
           ev.ce_trajectories(table, cells, MODELS, config, case_ids, ref_eps, temps),
-          os.path.join(workdir, "figures", "ce_trajectory.png"), xlabel="iterate (0 = clean input)",
+          os.path.join(workdir, "figures", FIGURES["ce"]), xlabel="iterate (0 = clean input)",
           ylabel="plain CE to the labels (mean over volumes)",
           title=f"Plain CE along each attack at eps = {ref_eps:g}"),
   }
@@ -342,6 +372,11 @@ def _example_stage(config, workdir, params, params_digest, data, val_cases) -> d
   files_exist = lambda r: all(os.path.exists(os.path.join(workdir, p)) for p in [r["figure"]] + r["volumes"])
   example = common.cached_stage(os.path.join(workdir, "results", "stages", "example.json"), depends_on,
                                 lambda: _example(config, workdir, params, data, val_cases), valid=files_exist)
+  return _with_paths(workdir, example)
+
+
+def _with_paths(workdir, example) -> dict:
+  """The example stage's result with its files' paths made absolute (the stage stores them relative)."""
   return dict(example, figure=os.path.join(workdir, example["figure"]),
               volumes=[os.path.join(workdir, p) for p in example["volumes"]])
 
