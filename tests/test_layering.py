@@ -4,7 +4,7 @@ Every import counts: at module top, inside functions (lazy imports), relative on
 `importlib.import_module("literal")`. Layers, lowest first; a unit may import its own modules and anything in
 a lower layer. Units of one layer are peers: one may import the other, but not both ways.
 
-  base             mri_poison (the package root), io_utils, progress: utilities that know nothing of MRI
+  base             mri_poison (the package root), io_utils, progress, registry: utilities that know nothing of MRI
   ops              pure array helpers (warps, morphology, texture); the phantom warps anatomy with them
   data             Case, loaders, preprocessing, phantom, TFDS builders, grain pipeline
   models           Flax modules
@@ -28,7 +28,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("mri_poison", "experiments")
 LAYERS = (
-    ("base", ("mri_poison", "mri_poison.io_utils", "mri_poison.progress")),
+    ("base", ("mri_poison", "mri_poison.io_utils", "mri_poison.progress", "mri_poison.registry")),
     ("ops", ("mri_poison.ops",)),
     ("data", ("mri_poison.data",)),
     ("models", ("mri_poison.models",)),

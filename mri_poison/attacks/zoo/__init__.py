@@ -13,8 +13,6 @@ comparable.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from typing import Any, Callable
 
 import jax
@@ -22,6 +20,7 @@ import jax.numpy as jnp
 
 from mri_poison import losses as seg_losses
 from mri_poison.attacks import losses as attack_losses
+from mri_poison.registry import Registry
 
 Array = jax.Array
 
@@ -136,41 +135,25 @@ class Threat:
 
 
 SOURCES = ("own", "external")  # where a replaying threat's examples come from (see Threat)
-_REGISTRY: dict[str, Threat] = {}
-_LOADED = False
+_REGISTRY: Registry[Threat] = Registry(__name__, "attack", lambda t: t.stream)
 
 
 def register(threat: Threat) -> Threat:
   """Adds `threat` to the zoo; its name and its stream must be new."""
-  if threat.name in _REGISTRY:
-    raise ValueError(f"attack {threat.name!r} is registered twice")
-  taken = {t.stream: t.name for t in _REGISTRY.values()}
-  if threat.stream in taken:
+  taken = {t.stream: t.name for t in _REGISTRY.registered()}
+  if threat.stream in taken and taken[threat.stream] != threat.name:
     raise ValueError(f"attack {threat.name!r}: random stream {threat.stream} is already {taken[threat.stream]!r}'s")
   if (threat.run is None) == (threat.replays is None):
     raise ValueError(f"attack {threat.name!r}: give exactly one of run and replays")
   if threat.source not in SOURCES:
     raise ValueError(f"attack {threat.name!r}: source {threat.source!r} is not one of {SOURCES}")
-  _REGISTRY[threat.name] = threat
-  return threat
-
-
-def _load() -> None:
-  global _LOADED
-  if not _LOADED:
-    _LOADED = True
-    for module in pkgutil.iter_modules(__path__):
-      importlib.import_module(f"{__name__}.{module.name}")
+  return _REGISTRY.add(threat)
 
 
 def names() -> tuple[str, ...]:
   """Every registered threat, in the order of their streams (the order reports list them in)."""
-  _load()
-  return tuple(sorted(_REGISTRY, key=lambda n: _REGISTRY[n].stream))
+  return _REGISTRY.names()
 
 
 def get(name: str) -> Threat:
-  _load()
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown attack {name!r}: expected one of {names()}")
-  return _REGISTRY[name]
+  return _REGISTRY.get(name)

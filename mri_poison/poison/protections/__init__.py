@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
-import pkgutil
 from typing import Any, Callable
 
 import jax
@@ -18,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from mri_poison.poison import unlearnable as ul
+from mri_poison.registry import Registry
 from mri_poison.train import state as state_lib
 
 NONE = "none"  # the clean training data: every study's reference
@@ -82,33 +81,17 @@ def fitted(apply_fn, params, images, data: dict, hallmark_max: float) -> dict:
           "converged": bool(ratio <= float(hallmark_max))}
 
 
-_REGISTRY: dict[str, Protection] = {}
-_LOADED = False
+_REGISTRY: Registry[Protection] = Registry(__name__, "protection", lambda p: (p.order, p.name))
 
 
 def register(protection: Protection) -> Protection:
-  if protection.name in _REGISTRY:
-    raise ValueError(f"protection {protection.name!r} is registered twice")
-  _REGISTRY[protection.name] = protection
-  return protection
-
-
-def _load() -> None:
-  global _LOADED
-  if not _LOADED:
-    _LOADED = True
-    for module in pkgutil.iter_modules(__path__):
-      importlib.import_module(f"{__name__}.{module.name}")
+  return _REGISTRY.add(protection)
 
 
 def names() -> tuple[str, ...]:
   """Every registered protection, the clean reference first."""
-  _load()
-  return tuple(sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].order, n)))
+  return _REGISTRY.names()
 
 
 def get(name: str) -> Protection:
-  _load()
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown protection {name!r}: expected one of {names()}")
-  return _REGISTRY[name]
+  return _REGISTRY.get(name)
