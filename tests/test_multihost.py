@@ -51,7 +51,7 @@ def _worker(workdir, steps, out):
   from mri_poison import io_utils
   from mri_poison.train import loop
   from mri_poison.train import mesh as mesh_lib
-  from mri_poison.train import workdir as workdir_lib
+  from mri_poison.train import metrics_log
   seen, wrote = [], []
   shard_batch = mesh_lib.shard_batch
 
@@ -67,8 +67,8 @@ def _worker(workdir, steps, out):
 
   for name in ("write_json", "write_csv", "write_text", "append_jsonl"):
     recording(getattr(io_utils, name), name)
-  tb_writer = workdir_lib._tensorboard_writer
-  workdir_lib._tensorboard_writer = lambda d, p: wrote.append("tensorboard") or tb_writer(d, p)
+  tb_writer = metrics_log._tensorboard_writer
+  metrics_log._tensorboard_writer = lambda d, p: wrote.append("tensorboard") or tb_writer(d, p)
   mesh_lib.shard_batch = recording_shard_batch
   result = {"process": jax.process_index(), "count": jax.process_count(), "params": {}}
   for n in steps:

@@ -13,7 +13,7 @@ from mri_poison.train import mesh as mesh_lib
 from mri_poison.train import parts
 from mri_poison.train import state as state_lib
 from mri_poison.train import trainer
-from mri_poison.train import workdir as workdir_lib
+from mri_poison.train import metrics_log
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import phantom_cases, tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -49,7 +49,7 @@ def test_vmapped_stack_equals_models_trained_one_by_one(tmp_path):
   stacked = jax.device_get(trainer.fit(config, str(tmp_path / "stack"), init_state=parts.stack(init, 3),
                                        step_fn=step, data=data))
   assert int(stacked["step"]) == 4
-  read = lambda d: workdir_lib.metrics_table(str(tmp_path / d))
+  read = lambda d: metrics_log.metrics_table(str(tmp_path / d))
   apply_fn = state_lib.make_apply_fn(model)
   x = jnp.asarray(np.stack([c.image[:, :, 16] for c in case_sets[0]]))
   for m in range(3):

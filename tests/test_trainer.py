@@ -14,6 +14,7 @@ import pytest
 from mri_poison.train import checkpoint as ckpt
 from mri_poison.train import parts
 from mri_poison.train import trainer
+from mri_poison.train import lock as lock_lib
 from mri_poison.train import workdir as workdir_lib
 
 G_TX, D_TX = optax.adam(1e-2), optax.adam(2e-2)
@@ -145,7 +146,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path):
 def test_workdir_rules_before_anything_is_written(tmp_path):
   config = gan_config(4)
   # A second run on a locked workdir stops at once and writes nothing.
-  with workdir_lib.lock(str(tmp_path / "w")):
+  with lock_lib.lock(str(tmp_path / "w")):
     with pytest.raises(workdir_lib.WorkdirBusy):
       trainer.fit(config, str(tmp_path / "w"), init_state=gan_state(), step_fn=gan_step, data=vectors)
   assert not os.path.exists(tmp_path / "w" / "config.json")

@@ -23,6 +23,7 @@ from absl import logging
 from mri_poison import cellstore
 from mri_poison import io_utils
 from mri_poison.progress import Progress  # noqa: F401  (the one progress line of every study)
+from mri_poison.train import lock as lock_lib
 from mri_poison.train import workdir as workdir_lib
 
 # ------------------------------------------------------------------------------------------------ workdir
@@ -35,7 +36,7 @@ def check_workdir(workdir: str, config, *, resumable_keys: Sequence[str]) -> str
   in ".") raises a WorkdirError naming the changed keys and leaves the workdir as it was.
   """
   workdir = os.path.abspath(os.fspath(workdir))
-  workdir_lib.check_writable(workdir)
+  lock_lib.check_writable(workdir)
   workdir_lib.check_config(workdir, config, resumable_keys=tuple(resumable_keys))
   return workdir
 
@@ -49,7 +50,7 @@ def study_workdir(workdir: str, config, *, resumable_keys: Sequence[str], seed: 
   manifest.json with its end status ("finished", "interrupted" or "failed").
   """
   workdir = check_workdir(workdir, config, resumable_keys=resumable_keys)
-  with workdir_lib.lock(workdir):
+  with lock_lib.lock(workdir):
     # write_config checks again: another run may have written config.json before we held the lock.
     digest = workdir_lib.write_config(workdir, config, resumable_keys=tuple(resumable_keys))
     manifest = workdir_lib.start_manifest(workdir, seed=int(seed), config_digest=digest, start_step=0,

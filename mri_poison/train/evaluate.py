@@ -191,7 +191,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """load_splits -> train_model -> evaluate the val cases -> results/val_scores.csv + results/val_summary.json."""
   from mri_poison.data.datasets import load_splits, write_provenance
   from mri_poison.train import loop, state as state_lib
-  from mri_poison.train.workdir import MetricsWriter, is_writer
+  from mri_poison.train.metrics_log import MetricsWriter
+  from mri_poison.train.workdir import is_writer
   splits = load_splits(config.data)
   if is_writer():
     write_provenance(workdir, config.data, splits)

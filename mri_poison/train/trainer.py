@@ -36,6 +36,8 @@ from absl import logging
 from mri_poison import progress as progress_lib
 from mri_poison.train import checkpoint as ckpt
 from mri_poison.train import mesh as mesh_lib
+from mri_poison.train import lock as lock_lib
+from mri_poison.train import metrics_log
 from mri_poison.train import workdir as workdir_lib
 
 State = Any
@@ -130,13 +132,13 @@ def fit(config, workdir: str, *, init_state: State, step_fn: StepFn, data=None, 
     raise ValueError("fit: init_state must be a dict holding 'step' and 'rng' besides its trainable parts")
   workdir = os.path.abspath(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  workdir_lib.check_writable(workdir)
-  workdir_lib.check_writable(ckpt_dir)
+  lock_lib.check_writable(workdir)
+  lock_lib.check_writable(ckpt_dir)
   mesh = mesh or mesh_lib.make_mesh()
   if jax.process_count() > 1:
     check_process_blocks(mesh)
 
-  with workdir_lib.lock(workdir), jax.set_mesh(mesh):
+  with lock_lib.lock(workdir), jax.set_mesh(mesh):
     manager = ckpt.make_manager(ckpt_dir, ckpt_every=ckpt_every, keep=int(train_cfg.get("keep_checkpoints", 2)))
     try:
       has_ckpt = bool(manager.all_steps())
@@ -162,7 +164,7 @@ def fit(config, workdir: str, *, init_state: State, step_fn: StepFn, data=None, 
         iterator = _open_data(data)
         if restored is not None and iterator is not None and start > 0:
           ckpt.restore_data(manager, start, iterator)
-        writer = workdir_lib.MetricsWriter(workdir, resume_step=start)
+        writer = metrics_log.MetricsWriter(workdir, resume_step=start)
         args = tuple(mesh_lib.replicate(jax.tree.map(jnp.asarray, a), mesh) if a is not None else None
                      for a in step_args)
         step = _compiled_step(step_fn, mesh)

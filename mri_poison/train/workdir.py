@@ -1,37 +1,33 @@
-"""What a run leaves in its workdir besides checkpoints: config.json, manifest.json, metrics.jsonl, TB events,
-and the `.lock` that keeps a second run out while one is using it.
+"""What a run leaves in its workdir besides checkpoints: config.json and manifest.json (the lock is
+`train.lock`, metrics.jsonl and TensorBoard events `train.metrics_log`).
 
 Only process 0 writes; every file except metrics.jsonl (append-only) is written atomically. A trainer uses
 the parts in this order (all on every process; the writes happen on process 0 only):
 
-  with workdir.lock(path):                       # a second run on `path` stops here with WorkdirBusy
-    workdir.check_writable(path + "/checkpoints")  # fails at once instead of hanging in orbax
+  with lock.lock(path):                          # a second run on `path` stops here with WorkdirBusy
+    lock.check_writable(path + "/checkpoints")     # fails at once instead of hanging in orbax
     digest = workdir.write_config(path, config, has_checkpoints=latest is not None)
     manifest = workdir.start_manifest(path, seed=..., config_digest=digest, start_step=start)
     status = "failed"
     try:
-      writer = workdir.MetricsWriter(path, resume_step=start)  # drops rows the checkpoint does not cover
+      writer = metrics_log.MetricsWriter(path, resume_step=start)  # drops rows the checkpoint does not cover
       ...; status = "finished"
     finally:
       workdir.end_manifest(path, manifest, end_step=..., status=status)
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
-import numpy as np
 from absl import logging
 
 from mri_poison import io_utils
@@ -49,7 +45,6 @@ ADDED_KEYS = {"model.name": "unet"}
 END_STATUSES = ("finished", "interrupted", "failed", "non-finite")
 _STATUS_ALIASES = {"non-finite loss": "non-finite"}  # the name loop.py used before END_STATUSES
 
-LOCK_NAME, METRICS_NAME = ".lock", "metrics.jsonl"
 
 
 class WorkdirError(ValueError):
@@ -191,186 +186,6 @@ def write_config(workdir: str, config, *, resumable_keys=RESUMABLE_KEYS, has_che
   return digest
 
 
-# ------------------------------------------------------------------------------------------ lock, writability
-
-
-def check_writable(directory: str) -> None:
-  """Creates `directory` if needed and proves it writable (a temp file created and removed).
-
-  Raises a WorkdirError naming the folder and the OS error at once, where orbax would hang for minutes.
-  Remote paths ("gs://...") go through etils.epath.
-  """
-  directory = os.fspath(directory)
-  try:
-    if "://" in directory:
-      from etils import epath
-      folder = epath.Path(directory)
-      folder.mkdir(parents=True, exist_ok=True)
-      probe = folder / f".write_probe.{os.getpid()}.{time.time_ns()}"
-      probe.write_text("")
-      probe.unlink()
-      return
-    os.makedirs(directory, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=directory)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(f"folder {directory} is not writable ({e}); fix its permissions or use another "
-                       "--workdir") from e
-
-
-def _process_start(pid: int) -> str | None:
-  """The kernel's start time of `pid` (clock ticks since boot; Linux only): tells a reused pid apart."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[19]
-  except (OSError, IndexError):
-    return None
-
-
-def _boot_id() -> str | None:
-  try:
-    with open("/proc/sys/kernel/random/boot_id") as f:
-      return f.read().strip()
-  except OSError:
-    return None
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # alive, owned by another user
-    return True
-  return True
-
-
-def _holder_is_dead(info: Mapping[str, Any]) -> bool:
-  """True only for a lock of this host whose process is certainly gone (dead, rebooted, or pid reused)."""
-  if info.get("host") != platform.node():
-    return False
-  pid = info.get("pid")
-  if not isinstance(pid, int) or pid <= 0:
-    return False
-  if info.get("boot_id") and _boot_id() and info["boot_id"] != _boot_id():
-    return True
-  if not _pid_alive(pid):
-    return True
-  started = _process_start(pid)
-  return bool(info.get("pid_start") and started and started != info["pid_start"])
-
-
-def _read_lock(path: str) -> dict | None:
-  """The lock's JSON; None when it is gone. A lock being written (empty for microseconds) is re-read."""
-  for _ in range(20):
-    try:
-      with open(path) as f:
-        text = f.read()
-    except FileNotFoundError:
-      return None
-    try:
-      return json.loads(text)
-    except ValueError:
-      time.sleep(0.05)
-  return {"unreadable": text[:200]}
-
-
-_HELD: set[str] = set()  # lock paths this process holds (a nested lock of the same workdir is refused)
-
-
-def _busy_message(workdir: str, path: str, info: Mapping[str, Any]) -> str:
-  if "unreadable" in info:
-    return (f"workdir {workdir} is locked by {path}, which is not a readable lock ({info['unreadable']!r}); if "
-            f"you are sure no run uses this workdir, delete {path}")
-  who = (f"pid {info.get('pid')} on host {info.get('host')} since {info.get('start')} "
-         f"(command: {info.get('command')})")
-  if info.get("host") == platform.node():
-    why = "that process is still running"
-  else:
-    why = (f"a lock from another host is never broken automatically; if you are sure that run is over, "
-           f"delete {path}")
-  return f"workdir {workdir} is in use by {who}: {why}. Wait for it to end or use another --workdir."
-
-
-def _take_stale(path: str, info: Mapping[str, Any]) -> bool:
-  """Removes the stale lock `info` at `path` under a short-lived guard; False if another process is at it."""
-  guard = path + ".takeover"
-  try:
-    os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-  except FileExistsError:
-    with contextlib.suppress(OSError):
-      if time.time() - os.path.getmtime(guard) > 30:  # left by a process killed during a takeover
-        os.remove(guard)
-    return False
-  try:
-    if _read_lock(path) == info:  # still the stale lock we judged, not a fresh one
-      os.remove(path)
-    return True
-  finally:
-    os.remove(guard)
-
-
-@contextlib.contextmanager
-def lock(workdir: str, *, command: str | None = None) -> Iterator[dict | None]:
-  """Holds `<workdir>/.lock` (created atomically with O_CREAT|O_EXCL) for the block; yields its JSON.
-
-  The lock records {pid, host, start, command}. A second run on the same workdir raises WorkdirBusy naming
-  the holder. A lock of this host whose process is gone (killed with -9, machine rebooted) is stale and taken
-  over with a warning; a lock from another host is never broken automatically. Released on exit, also on an
-  exception. Only process 0 locks (the others yield None).
-  """
-  if not is_writer():
-    yield None
-    return
-  workdir = os.path.abspath(os.fspath(workdir))
-  path = os.path.join(workdir, LOCK_NAME)
-  if path in _HELD:
-    raise WorkdirBusy(f"workdir {workdir} is already locked by this process (pid {os.getpid()}): a nested run "
-                      "on the same workdir; use another --workdir for the inner one")
-  check_writable(workdir)
-  info = {"pid": os.getpid(), "host": platform.node(), "start": _now(),
-          "command": command if command is not None else " ".join(sys.argv),
-          "pid_start": _process_start(os.getpid()), "boot_id": _boot_id(), "token": os.urandom(8).hex()}
-  text = json.dumps(info, indent=2) + "\n"
-  deadline = time.monotonic() + 10.0
-  while True:
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      held = _read_lock(path)
-      if held is None:  # released between our open and our read
-        continue
-      if "unreadable" in held or not _holder_is_dead(held):
-        raise WorkdirBusy(_busy_message(workdir, path, held)) from None
-      logging.warning("workdir %s: taking over the stale lock of pid %s on %s (since %s, command: %s): that "
-                      "process is no longer running", workdir, held.get("pid"), held.get("host"),
-                      held.get("start"), held.get("command"))
-      if not _take_stale(path, held):
-        if time.monotonic() > deadline:
-          raise WorkdirBusy(f"workdir {workdir}: another process keeps taking over the stale lock {path}") from None
-        time.sleep(0.1)
-      continue
-    except OSError as e:
-      raise WorkdirError(f"workdir {workdir}: cannot create the lock {path} ({e})") from e
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    break
-  _HELD.add(path)
-  try:
-    yield info
-  finally:
-    _HELD.discard(path)
-    if (_read_lock(path) or {}).get("token") == info["token"]:  # never remove a lock that is not ours
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-    else:
-      logging.warning("workdir %s: the lock %s was replaced or removed by someone else while this run held it",
-                      workdir, path)
-
-
 # ---------------------------------------------------------------------------------------------------- manifest
 
 
@@ -396,7 +211,7 @@ def _versions() -> dict:
   return out
 
 
-def _now() -> str:
+def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -455,7 +270,7 @@ def start_manifest(workdir: str, *, seed: int, config_digest: str, start_step: i
       "command": " ".join(sys.argv)})
   if data is not None:
     manifest["data"] = data
-  manifest.setdefault("runs", []).append({"start": _now(), "start_step": int(start_step), "end": None,
+  manifest.setdefault("runs", []).append({"start": now(), "start_step": int(start_step), "end": None,
                                           "end_step": None, "status": "running"})
   if is_writer():
     io_utils.write_json(path, manifest)
@@ -467,196 +282,6 @@ def end_manifest(workdir: str, manifest: dict, *, end_step: int, status: str) ->
   status = _STATUS_ALIASES.get(status, status)
   if status not in END_STATUSES:
     raise ValueError(f"end_manifest status {status!r}: expected one of {END_STATUSES}")
-  manifest["runs"][-1].update({"end": _now(), "end_step": int(end_step), "status": status})
+  manifest["runs"][-1].update({"end": now(), "end_step": int(end_step), "status": status})
   if is_writer():
     io_utils.write_json(os.path.join(workdir, "manifest.json"), manifest)
-
-
-# ----------------------------------------------------------------------------------------------------- metrics
-
-
-def _to_json_value(v):
-  if isinstance(v, (np.ndarray, np.generic, jax.Array)):
-    return np.asarray(v).item()
-  return v
-
-
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict:
-  """One flat row of JSON scalars: an array of length M under "name" becomes "name/0" .. "name/{M-1}" (one
-  value per stacked model); a nested mapping becomes "name/key"; scalars (also 0-d arrays) stay as they are.
-  """
-  out = {}
-  for k, v in metrics.items():
-    name = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(flatten_metrics(v, f"{name}/"))
-    elif isinstance(v, (np.ndarray, np.generic, jax.Array, list, tuple)) and np.ndim(v) > 0:
-      if np.ndim(v) > 1:
-        raise ValueError(f"metric {name!r} has shape {np.shape(v)}: expected a scalar or one value per model")
-      out.update({f"{name}/{i}": _to_json_value(x) for i, x in enumerate(np.asarray(v))})
-    else:
-      out[name] = _to_json_value(v)
-  return out
-
-
-def _parse_lines(text: str, path: str) -> tuple[list[dict], int]:
-  rows, bad = [], 0
-  for line in text.splitlines():
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except ValueError:
-      bad += 1
-      continue
-    if isinstance(row, dict):
-      rows.append(row)
-    else:
-      bad += 1
-  if bad:
-    logging.warning("%s: skipped %d unreadable line(s)", path, bad)
-  return rows, bad
-
-
-def _repair_metrics(path: str, resume_step: int | None) -> None:
-  """Makes metrics.jsonl one clean run: a partial last line gets its newline (when it parses) or is dropped;
-  rows past `resume_step` (written after the checkpoint being resumed) are dropped. Atomic rewrite."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    text = f.read()
-  fixed = text
-  if text and not text.endswith("\n"):
-    head, _, last = text.rpartition("\n")
-    try:
-      json.loads(last)
-      fixed = text + "\n"
-    except ValueError:
-      logging.warning("%s: dropped a partial last line (a crash mid-write): %r", path, last[:200])
-      fixed = head + "\n" if head else ""
-  if resume_step is not None:
-    rows, bad = _parse_lines(fixed, path)
-    keep = [r for r in rows if not isinstance(r.get("step"), (int, float)) or r["step"] <= resume_step]
-    if len(keep) < len(rows) or bad:
-      logging.info("%s: dropped %d row(s) past the resumed step %d", path, len(rows) - len(keep), resume_step)
-      fixed = "".join(json.dumps(r) + "\n" for r in keep)
-  if fixed != text:
-    io_utils.write_text(path, fixed)
-
-
-class MetricsWriter:
-  """metrics.jsonl lines {"step", ...} and the same scalars as TensorBoard events in <workdir>/tensorboard/.
-
-  Only process 0 writes (the others' calls do nothing). Events go through tensorboardX (no TensorFlow); each
-  write is flushed together with its JSONL line, so `tensorboard --logdir runs/` shows what metrics.jsonl
-  holds. Without tensorboardX only the JSONL is written (a warning says so once).
-  On opening (process 0) the file is repaired so it reads as one clean run: a line cut by a crash is dropped
-  (or given its newline if it is complete) and, with `resume_step` (the step of the restored checkpoint, 0 for
-  a fresh start), rows past that step are dropped, since the resumed run writes them again (TensorBoard hides
-  its own stale events past the resumed step: purge_step).
-  """
-
-  def __init__(self, workdir: str, *, resume_step: int | None = None):
-    self.path = os.path.join(workdir, METRICS_NAME)
-    self.tb_dir = os.path.join(workdir, TENSORBOARD_NAME)
-    self._tb = None
-    if is_writer():
-      _repair_metrics(self.path, None if resume_step is None else int(resume_step))
-      self._tb = _tensorboard_writer(self.tb_dir, None if resume_step is None else int(resume_step) + 1)
-
-  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-    if not is_writer():
-      return
-    row = {"step": int(step), **flatten_metrics(metrics)}
-    io_utils.append_jsonl(self.path, row)
-    if self._tb is not None:
-      self._tb.add_scalars(step, {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
-      self._tb.flush()
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
-
-
-TENSORBOARD_NAME = "tensorboard"
-_WARNED_NO_TENSORBOARD = []
-
-
-class _TensorBoardEvents:
-  """A synchronous TensorBoard event file (tensorboardX's record writer and protos; no TensorFlow).
-
-  SummaryWriter queues events for a background thread and its flush() does not wait for the queue; writing
-  here, in the caller's thread, makes `flush` mean the events are in the file.
-  """
-
-  def __init__(self, directory: str, purge_step: int | None):
-    from tensorboardX.event_file_writer import EventsWriter
-    os.makedirs(directory, exist_ok=True)
-    # A unique suffix: the file name's timestamp has whole seconds, and a resumed run may reopen within one.
-    self._writer = EventsWriter(os.path.join(directory, "events"), f".{os.getpid()}.{time.time_ns()}")
-    if purge_step is not None:  # TensorBoard then hides older files' events at steps >= purge_step
-      from tensorboardX.proto import event_pb2
-      self._write(event_pb2.Event(step=int(purge_step),
-                                  session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
-
-  def _write(self, event) -> None:
-    event.wall_time = time.time()
-    self._writer.write_event(event)
-
-  def add_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    from tensorboardX.proto import event_pb2, summary_pb2
-    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-    if values:
-      self._write(event_pb2.Event(step=int(step), summary=summary_pb2.Summary(value=values)))
-
-  def flush(self) -> None:
-    self._writer.flush()
-
-  def close(self) -> None:
-    self._writer.close()
-
-
-def _tensorboard_writer(directory: str, purge_step: int | None) -> _TensorBoardEvents | None:
-  try:
-    import tensorboardX  # noqa: F401  a dependency; tolerated missing (metrics.jsonl is the record)
-  except ImportError:
-    if not _WARNED_NO_TENSORBOARD:
-      _WARNED_NO_TENSORBOARD.append(True)
-      logging.warning("tensorboardX is not installed: metrics go to metrics.jsonl only (pip install tensorboardX)")
-    return None
-  return _TensorBoardEvents(directory, purge_step)
-
-
-def _metrics_path(path_or_workdir) -> str:
-  path = os.fspath(path_or_workdir)
-  is_file = os.path.isfile(path) or (not os.path.isdir(path) and path.endswith(".jsonl"))
-  return path if is_file else os.path.join(path, METRICS_NAME)
-
-
-def read_metrics(path_or_workdir) -> list[dict]:
-  """The rows of a metrics.jsonl (or of a workdir's), in order; unreadable lines are skipped with a warning."""
-  path = _metrics_path(path_or_workdir)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no metrics file {path}")
-  with open(path) as f:
-    return _parse_lines(f.read(), path)[0]
-
-
-def metrics_table(path_or_workdir) -> dict[str, np.ndarray]:
-  """read_metrics as columns, one entry per row: float64 with NaN where a row lacks the key ("step" is int64
-  when every row has one); a column holding non-numbers is an object array with None for missing."""
-  rows = read_metrics(path_or_workdir)
-  keys = list(dict.fromkeys(k for r in rows for k in r))
-  table = {}
-  for k in keys:
-    values = [r.get(k) for r in rows]
-    present = [v for v in values if v is not None]
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
-      column = np.array([math.nan if v is None else v for v in values], np.float64)
-      if k == "step" and len(present) == len(values):
-        column = column.astype(np.int64)
-      table[k] = column
-    else:
-      table[k] = np.array(values, dtype=object)
-  return table

@@ -28,6 +28,7 @@ from mri_poison.studies.robustify.evaluation import (ATTACKS, DICE_COLUMNS, EPS_
 from mri_poison.studies.robustify.report import write_report
 from mri_poison.studies.robustify.training import MODELS, train_models, trained_models
 from mri_poison.train import loop as train_loop
+from mri_poison.train import lock as lock_lib
 from mri_poison.train import workdir as workdir_lib
 
 # What may change between runs of one workdir: the attacks and the evaluation only add evaluation cells (or
@@ -165,7 +166,7 @@ def _run_share(config, workdir, data, share, t_start) -> dict:
   params = trained_models(config, workdir)
   table = cellstore.CellTable(os.path.join(workdir, "results", "cells.csv"), share=share)
   os.makedirs(cellstore.share_dir(table.path, share), exist_ok=True)
-  with workdir_lib.lock(cellstore.share_dir(table.path, share)):
+  with lock_lib.lock(cellstore.share_dir(table.path, share)):
     todo, cells, _, eval_s = _evaluate(config, params, data, table)
   logging.info("robustify: share %d/%d: %d cells computed in %.0f s into %s", *share, len(todo), eval_s,
                table.share_path)
