@@ -179,7 +179,7 @@ def unlearnable(workdir, *, steps, n_cases, edge=None, features=None, threads=No
   from experiments.configs import unlearnable as cfg_lib
   from mri_poison.data.datasets import load_splits
   from mri_poison.poison import unlearnable as ul
-  from mri_poison.studies.unlearnable import study
+  from mri_poison.studies.unlearnable import victims
   from mri_poison.train import loop
   config = cfg_lib.get_config("brats")
   _phantom_data(config.data, n_cases=n_cases, edge=edge, threads=threads)
@@ -197,7 +197,7 @@ def unlearnable(workdir, *, steps, n_cases, edge=None, features=None, threads=No
   holder = {}
 
   def protect():
-    holder["images"], _ = study.protect("minmin", config, workdir, data)
+    holder["images"], _ = victims.protect("minmin", config, workdir, data)
   out["minmin"] = _stage("min-min protection", protect_dir, protect, report)
   protected = ul.to_volumes(cases, data, holder["images"])
   victim_dir = os.path.join(workdir, "victim")

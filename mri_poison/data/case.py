@@ -28,7 +28,7 @@ class Case:
   affine: np.ndarray  # float64 (4, 4), voxel -> world (mm)
   spacing: tuple[float, float, float]
   case_id: str
-  # What preprocessing did to a scan read from disk (`datasets.fit_to_grid`): shapes, spacings, what was kept.
+  # What preprocessing did to a scan read from disk (`grid.fit_to_grid`): shapes, spacings, what was kept.
   preprocessing: dict | None = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):

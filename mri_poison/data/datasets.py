@@ -16,6 +16,8 @@ import numpy as np
 
 from mri_poison import io_utils
 from mri_poison.data.case import MODALITIES, Case, DataError
+from mri_poison.data.grid import FOLDER_DEFAULTS  # noqa: F401  (the configs' real-data defaults)
+from mri_poison.data.grid import fit_to_grid, folder_setting, pad_or_crop_checked, phantom_cases, shape_of
 
 SOURCES = ("phantom", "brats", "tfds")
 
@@ -48,21 +50,6 @@ def default_data_config() -> ml_collections.ConfigDict:
   ))
 
 
-# Real-data fields read with these defaults when a config does not set them (so that the configs of existing
-# workdirs keep their digest): see `fit_to_grid` and the checks in `load_splits`.
-FOLDER_DEFAULTS = dict(
-    allow_fewer_cases=False,  # brats/tfds: fewer cases than n_cases is an error (True: a warning, use them all)
-    spacing=(),  # brats: after the crop to the brain, resample to this voxel size (mm; () keeps each scan's own)
-    max_cropped_brain=0.02,  # brats: share of the brain's voxels the final pad/crop to `shape` may drop
-    max_cropped_tumour=0.0,  # ... and of the tumour's
-    on_crop_loss="error",  # "error" | "warn" when a crop drops more than that
-)
-
-
-def _folder_setting(data_cfg, key: str):
-  return data_cfg.get(key, FOLDER_DEFAULTS[key])
-
-
 def _phantom_defaults() -> ml_collections.ConfigDict:
   from mri_poison.data import phantom_v2  # pylint: disable=g-import-not-at-top
   return phantom_v2.default_config()
@@ -79,7 +66,7 @@ def describe_source(data_cfg) -> str:
   """The data a config reads, in words, for reports (names the phantom version and its non-default knobs)."""
   source = str(data_cfg.source)
   if source != "phantom":
-    spacing = tuple(float(s) for s in (_folder_setting(data_cfg, "spacing") or ())) if source == "brats" else ()
+    spacing = tuple(float(s) for s in (folder_setting(data_cfg, "spacing") or ())) if source == "brats" else ()
     return (f"`{source}` data" + (f" from `{data_cfg.root}`" if data_cfg.get("root") else "")
             + (f", brains resampled to {'x'.join(f'{s:g}' for s in spacing)} mm (data.spacing)" if spacing else "")
             + " (the case ids of every split, each input file's SHA-256 and what preprocessing did to each scan: "
@@ -93,17 +80,12 @@ def describe_source(data_cfg) -> str:
           f"look-alikes{knobs})")
 
 
-def phantom_seed(seed: int, index: int) -> int:
-  """Seed of the `index`-th phantom case; the same as `phantom.write_brats_dir` and the TFDS builder use."""
-  return int(seed) + int(index)
-
-
 def check_source(data_cfg) -> None:
   """The checks of `load_splits` that read no image, for a job that runs several studies and should fail before
   the first one starts: the counts, the source, and for a folder its cases, their labels and their number."""
   source, n_cases, n_val = str(data_cfg.source), int(data_cfg.n_cases), int(data_cfg.n_val)
   _check_counts(n_cases, n_val)
-  _shape(data_cfg.shape, "data_cfg.shape")
+  shape_of(data_cfg.shape, "data_cfg.shape")
   if source not in SOURCES:
     raise DataError(f"data_cfg.source: expected one of {SOURCES}, got {source!r}")
   if source == "brats":
@@ -130,7 +112,7 @@ def _check_found(found: int, data_cfg) -> None:
     where = f"{source} source" + (f" at {data_cfg.root}" if source == "brats" else "")
     message = (f"data.n_cases={n_cases}, but the {where} holds {found} cases: "
                f"{found - n_val} would train and {n_val} validate instead of {n_cases - n_val} and {n_val}")
-    if not bool(_folder_setting(data_cfg, "allow_fewer_cases")):
+    if not bool(folder_setting(data_cfg, "allow_fewer_cases")):
       raise DataError(f"{message}. Set data.n_cases <= {found} (0 = every case), or "
                       "data.allow_fewer_cases=True to train on what is there")
     logging.warning("%s (data.allow_fewer_cases=True: going on)", message)
@@ -143,7 +125,7 @@ def load_splits(data_cfg) -> dict[str, list[Case]]:
   """{"train": [...], "val": [...]} of cases preprocessed to `data_cfg.shape`."""
   source = str(data_cfg.source)
   n_cases, n_val = int(data_cfg.n_cases), int(data_cfg.n_val)
-  shape = _shape(data_cfg.shape, "data_cfg.shape")
+  shape = shape_of(data_cfg.shape, "data_cfg.shape")
   modalities = tuple(data_cfg.modalities)
   _check_counts(n_cases, n_val)
   if source == "phantom":
@@ -214,22 +196,6 @@ def split_indices(n: int, n_val: int, seed: int) -> list[int]:
   return sorted(int(i) for i in np.random.default_rng(seed).permutation(n)[:n_val])
 
 
-def phantom_cases(n_cases: int, *, seed: int, phantom_shape, shape, modalities=MODALITIES, version: str = "v2",
-                  options=None) -> list[Case]:
-  """`n_cases` phantom heads (seeds `phantom_seed(seed, i)`) preprocessed to the grid `shape`."""
-  from mri_poison.data.phantom import VERSIONS, make_case
-  from mri_poison.data.preprocess import preprocess_case
-  phantom_shape = _shape(phantom_shape, "data_cfg.phantom_shape")
-  if version not in VERSIONS:
-    raise DataError(f"data_cfg.phantom_version: expected one of {VERSIONS}, got {version!r}")
-  try:
-    return [preprocess_case(make_case(phantom_seed(seed, i), shape=phantom_shape, modalities=tuple(modalities),
-                                      version=version, options=options), shape=tuple(shape))
-            for i in range(n_cases)]
-  except ValueError as e:
-    raise DataError(f"data_cfg.phantom: {e}") from e
-
-
 def case_from_record(record, name: str = "<record>") -> Case:
   """A Case from a TFDS volume record (see mri_poison.data.tfds)."""
   image = np.asarray(record["image"], np.float32)
@@ -253,64 +219,6 @@ def select_modalities(case: Case, modalities, where: str) -> Case:
                     "check data_cfg.modalities")
   index = [case.modalities.index(m) for m in modalities]
   return case.replace(image=np.ascontiguousarray(case.image[..., index]), modalities=modalities)
-
-
-def fit_to_grid(case: Case, shape, data_cfg) -> Case:
-  """`preprocess_case` to the grid `shape` at data.spacing, checking what the final pad/crop drops.
-
-  Raises a DataError naming the case and the config keys that fix it when more than data.max_cropped_brain of
-  the brain's voxels or data.max_cropped_tumour of the tumour's fall outside the grid (data.on_crop_loss="warn":
-  a warning instead).
-  """
-  from mri_poison.data.preprocess import preprocess_case
-  spacing = tuple(float(s) for s in (_folder_setting(data_cfg, "spacing") or ()))
-  if spacing and len(spacing) != 3:
-    raise DataError(f"data.spacing: expected () or three voxel sizes in mm, got {spacing}")
-  fitted = preprocess_case(case, spacing=spacing or None)  # brain crop (+ resample), no pad/crop yet
-  extent = np.asarray(fitted.shape) * np.asarray(fitted.spacing)  # mm the brain spans
-  fits = float(np.max(extent / np.asarray(shape)))
-  final, lost = _pad_or_crop_checked(fitted, shape, data_cfg, fix=f"Resample with data.spacing=({fits:.2f}, "
-                                     f"{fits:.2f}, {fits:.2f}) or coarser, or enlarge data.shape")
-  return final.replace(preprocessing=_preprocessing_record(case, fitted, final, lost))
-
-
-def _pad_or_crop_checked(case: Case, shape, data_cfg, fix: str) -> tuple[Case, dict]:
-  """`pad_or_crop` to `shape`, and the share of brain and tumour voxels it dropped; more than
-  data.max_cropped_* is an error (a warning with data.on_crop_loss="warn") naming the case and `fix`."""
-  from mri_poison.data.preprocess import brain_mask, pad_or_crop
-  final = pad_or_crop(case, shape)
-  lost = {}
-  for what, before, after in (("brain", brain_mask(case.image), brain_mask(final.image)),
-                              ("tumour", case.label > 0, final.label > 0)):
-    if before.sum():
-      lost[what] = 1.0 - after.sum() / before.sum()
-  limits = {k: float(_folder_setting(data_cfg, f"max_cropped_{k}")) for k in ("brain", "tumour")}
-  over = {k: v for k, v in lost.items() if v > limits[k] + 1e-9}
-  if over:
-    message = (f"case {case.case_id}: its brain ({'x'.join(map(str, case.shape))} voxels of "
-               f"{'x'.join(f'{s:g}' for s in case.spacing)} mm) does not fit data.shape={tuple(shape)}: the crop "
-               f"drops " + " and ".join(f"{v:.1%} of the {k} voxels (data.max_cropped_{k}={limits[k]:g})"
-                                        for k, v in over.items()) + f". {fix}")
-    if str(_folder_setting(data_cfg, "on_crop_loss")) != "warn":
-      raise DataError(message + ", or set data.on_crop_loss='warn'")
-    logging.warning("%s (data.on_crop_loss='warn': going on)", message)
-  return final, lost
-
-
-def _preprocessing_record(scan: Case, fitted: Case, final: Case, lost: dict) -> dict:
-  """What `fit_to_grid` did to one scan, for data.json: the scan's own grid, the brain crop, the resampling
-  (old voxels per new voxel), the final grid, and the brain and tumour kept (tumour volume in mL before and
-  after, so a reader sees what resampling itself changed)."""
-  ml = lambda c: float((c.label > 0).sum() * np.prod(c.spacing) / 1000.0)
-  rounded = lambda v: [round(float(x), 4) for x in v]
-  return {"scan_shape": list(scan.shape), "scan_spacing_mm": rounded(scan.spacing),
-          "brain_box_mm": rounded(np.asarray(fitted.shape) * np.asarray(fitted.spacing)),
-          "spacing_mm": rounded(fitted.spacing),
-          "resample_step": rounded(np.asarray(fitted.spacing) / np.asarray(scan.spacing)),
-          "grid": list(final.shape),
-          "brain_kept": round(float(1.0 - lost.get("brain", 0.0)), 6),
-          "tumour_kept": round(float(1.0 - lost.get("tumour", 0.0)), 6),
-          "tumour_ml_scan": round(ml(scan), 3), "tumour_ml_grid": round(ml(final), 3)}
 
 
 def _folder_refs(root: str) -> list[str]:
@@ -369,11 +277,4 @@ def _tfds_cases(data_cfg, n_cases, shape, modalities):
   cases = [case_from_record(source[i], name) for i in range(len(source))]
   cases = [select_modalities(c, modalities, f"data_cfg.tfds_name={name}") for c in cases]
   fix = f"Use a {name.split('/')[0]} config whose grid is data.shape={tuple(shape)}, or enlarge data.shape"
-  return [c if c.shape == tuple(shape) else _pad_or_crop_checked(c, tuple(shape), data_cfg, fix)[0] for c in cases]
-
-
-def _shape(value, key):
-  shape = tuple(int(s) for s in value)
-  if len(shape) != 3 or min(shape) < 1:
-    raise DataError(f"{key}: expected 3 positive sizes, got {tuple(value)}")
-  return shape
+  return [c if c.shape == tuple(shape) else pad_or_crop_checked(c, tuple(shape), data_cfg, fix)[0] for c in cases]

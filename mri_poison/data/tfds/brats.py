@@ -144,7 +144,7 @@ class Brats(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, refs):
     from absl import logging
-    from mri_poison.data.datasets import fit_to_grid
+    from mri_poison.data.grid import fit_to_grid
     from mri_poison.data.loaders import load_case
     config = self.builder_config
     limits = {"spacing": tuple(config.spacing)}  # and the crop-loss limits of a `brats` folder config

@@ -52,7 +52,7 @@ class BratsPhantom(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self):
-    from mri_poison.data.datasets import phantom_cases
+    from mri_poison.data.grid import phantom_cases
     config = self.builder_config
     for index in range(config.n_cases):
       case, = phantom_cases(1, seed=config.seed + index, phantom_shape=config.phantom_shape,

@@ -3,7 +3,7 @@
 `run(config, workdir)` sweeps one data field (config.phase_map.axis, e.g. "data.phantom.tumour_contrast":
 how much intensity evidence the phantom's tumour carries) over config.phase_map.levels against the budget
 (config.phase_map.eps, [0, 1]-scaled) for each of config.phase_map.methods. At each data point it trains one
-clean victim; at each (data, eps, method) it protects the training split (`study.protect`, the study's own
+clean victim; at each (data, eps, method) it protects the training split (`victims.protect`, the study's own
 protections, resumable under workdir/<point>/), trains a victim from scratch on it and scores it on the clean
 test split. The drop is the per-case paired difference clean victim - protected victim (mean Dice of the regions
 the point's clean victim learnt, `studies.learnt` with config.gate; all three, and the point marked "not learnt",
@@ -28,7 +28,7 @@ from mri_poison.poison import unlearnable as ul
 from mri_poison.report import figures
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.unlearnable import report
-from mri_poison.studies.unlearnable import study
+from mri_poison.studies.unlearnable import victims
 from mri_poison.train import loop as train_loop
 from mri_poison.train import state as state_lib
 
@@ -44,12 +44,12 @@ def _set(config, dotted: str, value):
 
 
 def _victim(config, workdir, name, cases):
-  sub = study._sub_config(config, name)  # pylint: disable=protected-access
+  sub = victims.sub_config(config, name)
   return train_loop.train_model(sub, os.path.join(workdir, "models", name), cases=cases)
 
 
 def _region_mean(scores: dict, regions) -> np.ndarray:
-  """Per test case, the mean Dice over `regions` (from `study.score`)."""
+  """Per test case, the mean Dice over `regions` (from `victims.score`)."""
   return np.mean([scores[f"dice_{r}"] for r in regions], axis=0)
 
 
@@ -74,9 +74,9 @@ def run(config, workdir: str) -> dict:
     train, test_cases = splits["train"], splits["val"]
     if not test_cases:
       raise ValueError("config data.n_val: the phase map needs held-out clean test cases")
-    test = study._test_arrays(test_cases)  # pylint: disable=protected-access
+    test = victims.test_arrays(test_cases)
     data = ul.slice_set(train, width=int(cfg.protect.umed.width))
-    clean_scores = study.score(apply_fn, _victim(cfg, point_dir, "none", train), test, cfg)
+    clean_scores = victims.score(apply_fn, _victim(cfg, point_dir, "none", train), test, cfg)
     gate = report.clean_gate(cfg, np.stack([clean_scores[f"dice_{r}"] for r in REGIONS], axis=1), test, train)
     learnt = learnt_lib.learnt(gate)
     regions = learnt or REGIONS
@@ -84,10 +84,10 @@ def run(config, workdir: str) -> dict:
     done += 1
     for eps in budgets:
       for method in methods:
-        images, info = study.protect(method, cfg, point_dir, data, eps)
+        images, info = victims.protect(method, cfg, point_dir, data, eps)
         protected = ul.to_volumes(train, data, images)
-        name = study.protection_name(method, eps, cfg).replace("/", "_")
-        dice = _region_mean(study.score(apply_fn, _victim(cfg, point_dir, name, protected), test, cfg), regions)
+        name = victims.protection_name(method, eps, cfg).replace("/", "_")
+        dice = _region_mean(victims.score(apply_fn, _victim(cfg, point_dir, name, protected), test, cfg), regions)
         drop = np.asarray(clean) - np.asarray(dice)
         ci = metrics.bootstrap_ci(drop, n_boot=1000, seed=0)
         psnr = float(np.mean([ul.scaled_psnr(c.image, p.image, ul.case_range(c.image))

@@ -1,11 +1,9 @@
 """Study 4: `run(config, workdir)`: protect the training split, train fresh victims on it, test on clean data."""
 from __future__ import annotations
 
-import copy
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -19,14 +17,13 @@ from mri_poison.poison import unlearnable as ul
 from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.studies.unlearnable import counter
+from mri_poison.studies.unlearnable import victims
 from mri_poison.train import loop as train_loop
 from mri_poison.train import state as state_lib
-from mri_poison.train import evaluate as evaluate_lib
 
 # What may change between runs of one workdir: evaluation and report settings only add or re-derive results.
 RESUMABLE_KEYS = ("eval.", "gate.")
 EVAL_VERSION = 1
-DICE = ("dice_WT", "dice_TC", "dice_ET", "dice_mean")
 QUALITY = ("psnr", "ssim", "share_roi", "share_band", "linf_scaled")
 
 
@@ -71,36 +68,7 @@ def _check_config(config) -> None:
     raise ValueError(f"config protect.sweep_method={p.sweep_method!r}: expected one of {protections.names()[1:]}")
 
 
-def _sub_config(config, name: str, train: dict | None = None, data: dict | None = None, **extra):
-  sub = ml_collections.ConfigDict()
-  sub.victim = name
-  sub.data = copy.deepcopy(config.data)
-  if data:
-    sub.data.update(data)
-  sub.model = copy.deepcopy(config.model)
-  sub.train = copy.deepcopy(config.train)
-  if train:
-    sub.train.update(train)
-  for k, v in extra.items():
-    setattr(sub, k, ml_collections.ConfigDict(v) if isinstance(v, dict) else copy.deepcopy(v))
-  return sub
-
-
 # ------------------------------------------------------------------------------------------------ protection
-
-
-def protection_name(method: str, eps: float, config) -> str:
-  """`method` at the study budget, `method@eps=<eps>` at another budget (a budget-sweep protection)."""
-  return method if float(eps) == float(config.protect.eps) else f"{method}@eps={float(eps):.4g}"
-
-
-def protect(method: str, config, workdir: str, data: dict, eps: float | None = None) -> tuple[np.ndarray, dict]:
-  """(protected slice images (N, X, Y, C), info) for `method` (`mri_poison.poison.protections`) at `eps`
-  (default protect.eps); trained protections are resumable fit runs in workdir/protect/<protection_name>."""
-  p = config.protect
-  eps = float(p.eps) if eps is None else float(eps)
-  run_dir = os.path.join(workdir, "protect", protection_name(method, eps, config))
-  return protections.get(method).run(protections.Inputs(config, data, eps, jax.random.PRNGKey(int(p.seed)), run_dir))
 
 
 def quality(cases, protected_cases, width: int) -> dict[str, list[float]]:
@@ -162,28 +130,6 @@ def _write_protected(workdir, config, protected, train_digest) -> dict[str, str]
 # ------------------------------------------------------------------------------------------------ victims
 
 
-def _test_arrays(cases) -> dict:
-  image = np.stack([c.image for c in cases]).astype(np.float32)
-  label = np.stack([c.label for c in cases]).astype(np.int32)
-  return {"image": image, "label": label, "case_id": [c.case_id for c in cases],
-          "digest": cellstore.tree_digest((image, label))}
-
-
-def score(apply_fn, params, test: dict, config) -> dict[str, np.ndarray]:
-  """Per test case Dice of WT, TC, ET and their mean (whole-slice prediction of every axial slice)."""
-  out = {k: [] for k in DICE}
-  ev = config.eval
-  for image, label in zip(test["image"], test["label"]):
-    logits = evaluate_lib.predict_slices(apply_fn, params, image, batch=int(ev.slice_batch),
-                                         multiple=int(ev.pad_multiple))
-    pred = jnp.argmax(logits, axis=-1)[None]
-    d = np.asarray(metrics.dice_from_counts(metrics.region_counts(pred, jnp.asarray(label)[None])))[0]
-    for k, v in zip(DICE[:3], d):
-      out[k].append(float(v))
-    out["dice_mean"].append(float(np.mean(d)))
-  return out
-
-
 def _victim_plan(config) -> list[tuple[str, str, str, float, float]]:
   """(victim name, protection, regime, fraction protected, eps) of every victim, in training order."""
   p, regimes = config.protect, tuple(config.counter.regimes)
@@ -197,7 +143,7 @@ def _victim_plan(config) -> list[tuple[str, str, str, float, float]]:
     for seed in (int(s) for s in config.replicates.seeds):
       plan.append((f"{m}/standard@seed={seed}", m, "standard", 1.0, eps))
   for e in (float(e) for e in p.sweep_eps):
-    plan.append((f"{protection_name(str(p.sweep_method), e, config)}/standard", str(p.sweep_method), "standard", 1.0,
+    plan.append((f"{victims.protection_name(str(p.sweep_method), e, config)}/standard", str(p.sweep_method), "standard", 1.0,
                  e))
   return plan
 
@@ -260,9 +206,9 @@ def _run(config, workdir, train_cases, test_cases, t_start):
   protected, info, quality_cells = {}, {}, {}
   t0 = time.perf_counter()
   for m, eps in dict.fromkeys([(m, float(p.eps)) for m in methods] + [(mt, e) for _, mt, _, _, e in plan]):
-    name = protection_name(m, eps, config)
+    name = victims.protection_name(m, eps, config)
     logging.info("unlearnable: protecting the training split with %s", name)
-    images, info[name] = protect(m, config, workdir, data, eps)
+    images, info[name] = victims.protect(m, config, workdir, data, eps)
     protected[name] = ul.to_volumes(train_cases, data, images)
     cell = cellstore.make_cell("protection", m, eps, params=cellstore.tree_digest([c.image for c in protected[name]]),
                             settings={}, cases=train_ids, version=EVAL_VERSION, data=train_digest)
@@ -280,12 +226,12 @@ def _run(config, workdir, train_cases, test_cases, t_start):
   setups = {r: counter.regime_setup(r, config, apply_fn, adv_eps_z) for r in tuple(config.counter.regimes)}
   victim_apply = {r: state_lib.make_apply_fn(state_lib.make_model(ml_collections.ConfigDict(s[2]["model"])))
                   if "model" in s[2] else apply_fn for r, s in setups.items()}
-  test = _test_arrays(test_cases)
-  train_sets = {"train_clean": _test_arrays(train_cases)}
+  test = victims.test_arrays(test_cases)
+  train_sets = {"train_clean": victims.test_arrays(train_cases)}
   cells, shortcut_cells, t0 = {}, {}, time.perf_counter()
   progress = common.Progress(len(plan), name="unlearnable victims", unit="victims")
   for i, (name, method, regime, fraction, eps) in enumerate(plan):
-    cases = protected[protection_name(method, eps, config)]
+    cases = protected[victims.protection_name(method, eps, config)]
     if fraction < 1.0:
       cases = _partial_cases(train_cases, cases, fraction, int(p.seed))
     if regime == "purify":
@@ -293,32 +239,32 @@ def _run(config, workdir, train_cases, test_cases, t_start):
     data_updates, transform, extra = setups[regime]
     train_updates = {"seed": int(name.split("@seed=")[1])} if "@seed=" in name else None
     protection = {"method": method, "fraction": fraction, "data": cellstore.tree_digest([c.image for c in cases])}
-    sub = _sub_config(config, name, train=train_updates, data=data_updates, protection=protection, **extra)
+    sub = victims.sub_config(config, name, train=train_updates, data=data_updates, protection=protection, **extra)
     params = train_loop.train_model(sub, os.path.join(workdir, "models", name.replace("/", "_")), cases=cases,
                                     batch_transform=transform)
     digest = cellstore.tree_digest(params)
     cell = cellstore.make_cell(name, method, fraction, params=digest, settings={"regime": regime},
                             cases=test["case_id"], version=EVAL_VERSION, data=test["digest"])
     if cell not in table:
-      table.add(cell, test["case_id"], score(victim_apply[regime], params, test, config))
+      table.add(cell, test["case_id"], victims.score(victim_apply[regime], params, test, config))
       table.save()
     cells[name] = cell
     if regime == "standard" and "@" not in name:
       # Shortcut check: a victim that learned the protection's shortcut scores well on the protected training
       # data it saw and badly on the same cases without the perturbation.
-      own = _test_arrays(cases)
+      own = victims.test_arrays(cases)
       for split, arrays in (("train_protected", own), ("train_clean", train_sets["train_clean"])):
         c = cellstore.make_cell(name, method, fraction, params=digest, settings={"regime": regime, "split": split},
                              cases=arrays["case_id"], version=EVAL_VERSION, data=arrays["digest"])
         if c not in table:
-          table.add(c, arrays["case_id"], score(apply_fn, params, arrays, config))
+          table.add(c, arrays["case_id"], victims.score(apply_fn, params, arrays, config))
           table.save()
         shortcut_cells[(name, split)] = c
       if fraction == 1.0 and method != "none":  # the victim's hallmark: its CE on what it saw vs the clean slices
         seen = ul.slice_set(cases, width=width)["image"]
         ce_p = ul.surrogate_ce(apply_fn, params, seen, data["label"])
         ce_c = ul.surrogate_ce(apply_fn, params, data["image"], data["label"])
-        info[protection_name(method, eps, config)]["victim_hallmark"] = ce_p / max(ce_c, 1e-12)
+        info[victims.protection_name(method, eps, config)]["victim_hallmark"] = ce_p / max(ce_c, 1e-12)
     progress.update(i + 1)
   victims_s = time.perf_counter() - t0
 
