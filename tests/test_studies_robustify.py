@@ -13,9 +13,9 @@ import pytest
 from experiments.configs import reproduce as reproduce_config
 from experiments.configs import robustify as robustify_config
 from mri_poison import cellstore
-from mri_poison.studies import robustify
 from mri_poison import metrics
 from mri_poison.defenses import adversarial
+from mri_poison.studies import robustify
 from mri_poison.studies.robustify import evaluation
 from mri_poison.studies.robustify import study as study_lib
 from mri_poison.train import workdir as workdir_lib

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from mri_poison.attacks import loop
 from mri_poison.attacks.optimize import scan, scan_unroll
 
-Array = jax.Array
 RHO, MOMENTUM = 0.75, 0.75  # the paper's checkpoint threshold and momentum
 
 

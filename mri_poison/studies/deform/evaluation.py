@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mri_poison import cellstore
 from mri_poison import metrics
 from mri_poison.attacks import deform
 from mri_poison.attacks import gradient
 from mri_poison.attacks import losses as attack_losses
-from mri_poison import cellstore
 from mri_poison.train import workdir as workdir_lib
 
 EVAL_VERSION = 1

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mri_poison import cellstore
 from mri_poison import io_utils
 from mri_poison.attacks import deform
 from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import nifti
-from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.deform import evaluation as ev

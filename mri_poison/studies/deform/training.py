@@ -12,10 +12,10 @@ import numpy as np
 import optax
 from absl import logging
 
+from mri_poison import cellstore
 from mri_poison.attacks import deform
 from mri_poison.defenses import deform_augment
 from mri_poison.models import deform as deform_models
-from mri_poison import cellstore
 
 ARMS = ("2d", "3d")
 VICTIMS = ("undefended", "augmented")

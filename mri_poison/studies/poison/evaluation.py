@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mri_poison import metrics
 from mri_poison import cellstore
+from mri_poison import metrics
 from mri_poison.studies.poison.training import ET_LABEL
 
 METRICS = ("dice", "jaccard", "accuracy", "sensitivity", "specificity")

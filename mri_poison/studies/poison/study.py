@@ -7,12 +7,12 @@ import time
 import numpy as np
 from absl import logging
 
+from mri_poison import cellstore
 from mri_poison import io_utils
 from mri_poison.data.case import REGIONS
 from mri_poison.poison import detect
 from mri_poison.poison import mixing
 from mri_poison.poison import translation
-from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.poison import evaluation

@@ -11,12 +11,12 @@ import time
 
 import numpy as np
 
+from mri_poison import cellstore
 from mri_poison import io_utils
 from mri_poison import metrics
 from mri_poison.poison import translation
 from mri_poison.report import figures
 from mri_poison.report import markdown
-from mri_poison import cellstore
 from mri_poison.studies import common
 
 QUALITY = ("psnr", "ssim", "mae")

@@ -15,9 +15,9 @@ from typing import Callable
 from absl import logging
 import jax
 
+from mri_poison import cellstore
 from mri_poison import io_utils
 from mri_poison.data.case import DataError
-from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.train import workdir as workdir_lib
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mri_poison import cellstore
 from mri_poison import losses as seg_losses
 from mri_poison import metrics
 from mri_poison.attacks import losses as attack_losses
@@ -33,7 +34,6 @@ from mri_poison.attacks import sliding_window
 from mri_poison.attacks import zoo
 from mri_poison.data.case import REGIONS
 from mri_poison.report import tables
-from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.train import state as state_lib
 from mri_poison.train import workdir as workdir_lib

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mri_poison import cellstore
 from mri_poison import io_utils
 from mri_poison.attacks import zoo
 from mri_poison.data.case import REGIONS
@@ -19,7 +20,6 @@ from mri_poison.data.preprocess import brain_mask
 from mri_poison.report import figures
 from mri_poison.report import nifti
 from mri_poison.report import tables
-from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.studies import learnt as learnt_lib
 from mri_poison.studies.robustify import evaluation as ev
@@ -146,8 +146,7 @@ def render(workdir: str) -> str:
   config = ml_collections.ConfigDict(workdir_lib.read_json(os.path.join(workdir, "config.json"), workdir)["config"])
   temps = temperatures(config)
   res = {k: io_utils.read_csv(os.path.join(results, f)) for k, f in RESULT_TABLES.items()}
-  res.update(temperatures=temps, attacks_of={m: [t for t in ev.victim_threats(m, temps[m], config.attack.attacks)
-                                                 if t != NOISE] for m in MODELS})
+  res.update(temperatures=temps, attacks_of=_attacks_of(config, temps))
   headline = workdir_lib.read_json(os.path.join(results, "headline.json"), workdir)
   example = workdir_lib.read_json(os.path.join(results, "stages", "example.json"), workdir)["result"]
   figs = {k: os.path.join(workdir, "figures", f) for k, f in FIGURES.items()}
@@ -173,6 +172,11 @@ def _run_share(config, workdir, data, share, t_start) -> dict:
   return {"share": list(share), "cells_computed": len(todo), "cells_in_share": sum(
       cellstore.in_share(c, share) for v in cells.values() for c in v.values()),
           "eval_seconds": eval_s, "wall_seconds": time.perf_counter() - t_start}
+
+
+def _attacks_of(config, temps) -> dict[str, list[str]]:
+  """{model: the attacks it gets (the noise baseline aside)}, the members of its adaptive threat."""
+  return {m: [t for t in ev.victim_threats(m, temps[m], config.attack.attacks) if t != NOISE] for m in MODELS}
 
 
 def temperatures(config) -> dict[str, float]:
@@ -267,7 +271,7 @@ def _evaluate_and_report(config, workdir, params, data, val_cases, t_start, trai
   io_utils.write_csv(os.path.join(results, RESULT_TABLES["summary"]), summary)
   comparisons = ev.comparison_rows(per_case, MODELS, eps, ref_eps)
   io_utils.write_csv(os.path.join(results, RESULT_TABLES["comparisons"]), comparisons)
-  attacks_of = {m: [t for t in ev.victim_threats(m, temps[m], acfg.attacks) if t != NOISE] for m in MODELS}
+  attacks_of = _attacks_of(config, temps)
   members = ev.adaptive_member_rows(per_case, attacks_of, ref_eps)
   io_utils.write_csv(os.path.join(results, RESULT_TABLES["members"]), members)
   robust = ev.robust_fraction_rows(per_case, MODELS, attacks_of, eps, float(ecfg.robust_factor))

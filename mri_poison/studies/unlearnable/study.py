@@ -9,12 +9,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mri_poison import cellstore
 from mri_poison import io_utils, metrics
 from mri_poison.ops import morphology
 from mri_poison.poison import protected_io
 from mri_poison.poison import protections
 from mri_poison.poison import unlearnable as ul
-from mri_poison import cellstore
 from mri_poison.studies import common
 from mri_poison.studies.unlearnable import counter
 from mri_poison.studies.unlearnable import victims
