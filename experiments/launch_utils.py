@@ -12,14 +12,17 @@ traceback with --verbosity=1 or MRI_POISON_TRACEBACK=1); Ctrl-C as one line sayi
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import errno
 import importlib.util
+import io
 import logging as py_logging
 import os
 import re
 import shutil
 import sys
+import tokenize
 import traceback
 
 from absl import app
@@ -175,37 +178,66 @@ def define_config(default: str, help_text: str = "Config file (file.py:variant);
     _fail("config error", e)
 
 
-_SECTION = re.compile(r"^(\s*)(?:config\.)?(\w+(?:\.\w+)*)\s*(?:=\s*ml_collections\.ConfigDict\(|\.update\()")
-_STATEMENT = re.compile(r"^(\s*)[\w.,\s]+=")
+def _dotted(node) -> tuple[str, bool] | None:
+  """("a.b", True) for the expression `config.a.b`, ("t.a", False) for `t.a` (a local name), else None."""
+  names = []
+  while isinstance(node, ast.Attribute):
+    names.append(node.attr)
+    node = node.value
+  if not isinstance(node, ast.Name):
+    return None
+  return ".".join(reversed(names if node.id == "config" else names + [node.id])), node.id == "config"
+
+
+def _sections(tree) -> list[tuple[tuple[int, int], int, str, bool]]:
+  """((first line, column), last line, section, under `config`) of each `<x>.<section> =
+  ml_collections.ConfigDict(...)` value and each `<x>.<section>.update(...)` call."""
+  spans = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and len(node.targets) == 1:
+      section, call = _dotted(node.targets[0]), node.value
+      if section and section[0] and getattr(call.func, "attr", getattr(call.func, "id", None)) == "ConfigDict":
+        spans.append(((call.lineno, call.col_offset), call.end_lineno, *section))
+    elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "update":
+      section = _dotted(node.func.value)
+      if section and section[0]:
+        spans.append(((node.lineno, node.col_offset), node.end_lineno, *section))
+  return spans
 
 
 def field_comments(path: str) -> dict[str, str]:
-  """{field: the comment on its line} from a config file's source (`name=value,  # comment`).
+  """{field: the comment on its line} from a config file's source (`name=value,  # comment`), read with
+  `tokenize` and `ast`: a comment belongs to the last `name =` on its line.
 
-  Inside a `config.<section> = ml_collections.ConfigDict(...)` or `config.<section>.update(...)` block a
+  Inside a `config.<section> = ml_collections.ConfigDict(...)` or `config.<section>.update(...)` call a
   comment is keyed "section.name" (so that fields of one name in two sections keep their own comments),
-  elsewhere (e.g. a library's default config) by the bare name.
+  elsewhere (e.g. a library's default config) by the bare name; inside a local name's (`t.update(...)` after
+  `t = config.train`, a library's `gan = ConfigDict(...)`) by both, since the local name may be any section.
   """
-  out = {}
   try:
-    lines = open(path).read().splitlines()
-  except OSError:
-    return out
-  section, indent = None, -1
-  for line in lines:
-    code, _, comment = line.partition("#")
-    start = _SECTION.match(code)
-    if start:
-      section, indent = start.group(2), len(start.group(1))
-    elif section and (m := _STATEMENT.match(code)) and len(m.group(1)) <= indent:
-      section = None  # a new statement at the block's level ends the section
-    names = re.findall(r"(\w+)\s*=", code)
-    if not comment or not names:
+    with open(path) as f:
+      source = f.read()
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    spans = _sections(ast.parse(source))
+  except (OSError, SyntaxError, tokenize.TokenError):
+    return {}
+  names, comments = {}, {}
+  for prev, tok in zip(tokens, tokens[1:]):
+    if tok.type == tokenize.OP and tok.string == "=" and prev.type == tokenize.NAME:
+      names.setdefault(tok.start[0], []).append((prev.start, prev.string))
+    elif tok.type == tokenize.COMMENT:
+      comments[tok.start[0]] = tok.string.lstrip("#").strip()
+  out = {}
+  for line, comment in comments.items():
+    if not comment or line not in names:
       continue
-    if section and not start:
-      out.setdefault(f"{section}.{names[-1]}", comment.strip())
-    else:
-      out.setdefault(names[-1], comment.strip())
+    start, name = names[line][-1]
+    inside = sorted((last - first[0], section, under_config) for first, last, section, under_config in spans
+                    if first < start and line <= last)
+    if inside:
+      out.setdefault(f"{inside[0][1]}.{name}", comment)
+    if not inside or not inside[0][2]:
+      out.setdefault(name, comment)
   return out
 
 

@@ -96,3 +96,24 @@ def test_commands_without_a_config_file_show_help_and_exit_zero():
                        text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "--out" in out.stdout and "Flags:" in out.stdout
+
+
+def test_field_comments_are_keyed_by_section_and_only_for_assignments(tmp_path):
+  from experiments import launch_utils
+  source = tmp_path / "config.py"
+  source.write_text(
+      "import ml_collections\n"
+      "def get_config(variant):\n"
+      "  config = ml_collections.ConfigDict()\n"
+      "  config.train = ml_collections.ConfigDict(dict(\n"
+      "      steps=100,  # train steps\n"
+      "      lr=1e-3, warmup=5))  # warm-up steps\n"
+      "  config.steps = 3  # top-level steps\n"
+      "  config.attack.update(dict(steps=2,  # attack steps\n"
+      "                            eps=0.1))\n"
+      "  if variant == 'x':  # a condition, not a field\n"
+      "    config.seed = 0\n"
+      "  return ml_collections.ConfigDict(dict(batch_size=8))  # global batch\n")
+  assert launch_utils.field_comments(str(source)) == {
+      "train.steps": "train steps", "train.warmup": "warm-up steps", "steps": "top-level steps",
+      "attack.steps": "attack steps", "batch_size": "global batch"}
