@@ -1,6 +1,7 @@
 """Study 1 end to end on a tiny config; the vmapped sweep equals the models trained one by one."""
 import csv
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -54,13 +55,14 @@ def test_vmapped_sweep_equals_sequential(tmp_path, splits):
 
 def test_study_end_to_end_writes_metrics_per_ratio_and_reuses_on_rerun(tmp_path, splits):
   config = tiny_config()
-  headline = poison.run(config, str(tmp_path), splits=splits)
-  with open(tmp_path / "results" / "poison_sweep.csv") as f:
+  workdir = tmp_path / "study"
+  headline = poison.run(config, str(workdir), splits=splits)
+  with open(workdir / "results" / "poison_sweep.csv") as f:
     rows = list(csv.DictReader(f))
   ks = sorted({int(r["k"]) for r in rows})
   assert ks == [0, 1, 2, 3, 4, 5]
   # Every statistic is over the validation cases that contain ET (the primary metric), all 6 are in per_case.csv.
-  with open(tmp_path / "results" / "per_case.csv") as f:
+  with open(workdir / "results" / "per_case.csv") as f:
     per_case = list(csv.DictReader(f))
   with_et = {r["case"] for r in per_case if r["et_present"] == "True"}
   assert len({r["case"] for r in per_case}) == 6 and 0 < len(with_et) < 6
@@ -72,7 +74,7 @@ def test_study_end_to_end_writes_metrics_per_ratio_and_reuses_on_rerun(tmp_path,
       assert 0.0 <= float(r[f"{m}_mean"]) <= 1.0
   shares = {int(r["k"]): float(r["share"]) for r in rows if r["seed"] == "all"}
   np.testing.assert_allclose([shares[k] for k in ks], [k / 6 for k in ks])
-  with open(tmp_path / "results" / "cells.csv") as f:
+  with open(workdir / "results" / "cells.csv") as f:
     cells = list(csv.DictReader(f))
   assert len(cells) == 6 * 6 * len(evaluation.METRICS)  # 6 models x 6 cases x 5 metrics
   assert {c["victim"] for c in cells} == {f"replace/k{k}/seed0" for k in ks}
@@ -83,16 +85,25 @@ def test_study_end_to_end_writes_metrics_per_ratio_and_reuses_on_rerun(tmp_path,
   k0 = np.mean([float(r["dice"]) for r in per_case if r["k"] == "0" and r["et_present"] == "True"])
   np.testing.assert_allclose(gate[0]["dice"], k0, atol=1e-9)
   assert headline["et_learnt"] == (k0 >= config.gate.floor and k0 > gate[0]["baseline"])
-  report = open(tmp_path / "report.md").read()
+  report = open(workdir / "report.md").read()
   assert "0.8937" in report and "Findings and caveats" in report and "paper" in report
   if not headline["et_learnt"]:
     assert "ET not learnt" in report and "No effect is claimed" in report and "monotone" not in report
   for fig in ("dice_vs_share.png", "gan_grid.png"):
-    assert os.path.getsize(tmp_path / "figures" / fig) > 0
-  mtime = os.path.getmtime(tmp_path / "results" / "cells.csv")
-  again = poison.run(config, str(tmp_path), splits=splits)  # everything reused: same numbers, no new cell
+    assert os.path.getsize(workdir / "figures" / fig) > 0
+  mtime = os.path.getmtime(workdir / "results" / "cells.csv")
+  again = poison.run(config, str(workdir), splits=splits)  # everything reused: same numbers, no new cell
   assert again["replace"]["dice"] == headline["replace"]["dice"]
-  assert os.path.getmtime(tmp_path / "results" / "cells.csv") == mtime
+  assert os.path.getmtime(workdir / "results" / "cells.csv") == mtime
+  # report.md again from the result files alone: no model, cell table or training in reach (not copied).
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("models", "cells.csv"))
+  os.remove(copy / "report.md")
+  assert poison.render(str(copy)) == str(copy / "report.md")
+  assert open(copy / "report.md").read() == open(workdir / "report.md").read()
+  os.remove(copy / "results" / "comparisons.csv")
+  with pytest.raises(FileNotFoundError, match="comparisons.csv"):
+    poison.render(str(copy))
 
 
 def test_grid_slice_is_never_blank():

@@ -6,7 +6,8 @@ synthesises the target contrast (T1-Ce) of every case, builds training sets whos
 (mode, seed) as ONE vmapped program (`training`), scores each on real validation cases as evaluation cells
 (`evaluation`: victim = "<mode>/k<k>/seed<s>", threat "none", budget = share), tests every share against k = 0
 (Wilcoxon, Holm, bootstrap CIs), measures how detectable the synthetic slices are (`mri_poison.poison.detect`)
-and writes results/poison_sweep.csv, figures and report.md. `run_gan` (module `translator`) is the GAN alone.
+and writes results/poison_sweep.csv, figures and report.md (`render(workdir)` writes report.md again
+from a finished workdir's result files alone). `run_gan` (module `translator`) is the GAN alone.
 """
-from mri_poison.studies.poison.study import PAPER, RESUMABLE_KEYS, check, run
+from mri_poison.studies.poison.study import PAPER, RESUMABLE_KEYS, check, render, run
 from mri_poison.studies.poison.translator import run_gan

@@ -40,8 +40,8 @@ def _pm(mean, sd) -> str:
   return f"{mean:.4f} +- {sd:.4f}"
 
 
-def write_report(config, workdir, headline, sweep_rows, tests, detection, quality, fig, records, *, n_train,
-                 paper) -> None:
+def write_report(config, workdir, headline, sweep_rows, tests, detection, figs, *, paper) -> None:
+  """workdir/report.md from the study's result files as `study.render` reads them; figs: {"dice", "gan"} paths."""
   d, sw, g = config.data, config.sweep, config.gan
   ks = [int(k) for k in sw.ks]
   n_parts = int(sw.n_parts)
@@ -52,7 +52,7 @@ def write_report(config, workdir, headline, sweep_rows, tests, detection, qualit
       "Reproduces the protocol of arXiv 2502.03825 with the tools of this repository: a SANTA-style GAN "
       f"translates {g.source} into {g.target}; 2D U-Nets for the enhancing tumour are trained on sets whose "
       f"synthetic share is k/{n_parts} and tested on real {g.target} only. Config variant `{config.variant}`; "
-      f"data source `{d.source}`; {n_train} training and {headline['n_val_all']} validation cases, of which "
+      f"data source `{d.source}`; {headline['n_train']} training and {headline['n_val_all']} validation cases, of which "
       f"{n_val} contain ET and carry every Dice and test below (the primary metric: Dice on ET-present cases); "
       f"seeds {seeds}; wall time {headline['wall_seconds']:.0f} s. Settings marked *default chosen here* are not "
       "given by the paper.")
@@ -81,7 +81,7 @@ def write_report(config, workdir, headline, sweep_rows, tests, detection, qualit
         f"Mode `replace`: mean +- SD over {n_val} real validation cases of the per-case metric averaged over "
         f"{len(seeds)} seeds; `seed SD`: SD of the per-seed means. The paper's values (0.8937 at 33.33 %, 0.7474 "
         "at 83.33 %) are the paper's, on its 150-patient data set and its GAN: shown for shape, not comparable."))
-  r.image(fig, "Dice vs synthetic share", base_dir=workdir)
+  r.image(figs["dice"], "Dice vs synthetic share", base_dir=workdir)
 
   r.heading("Paired tests (k vs k = 0)")
   primary = [t for t in tests if t["metric"] == "dice"]
@@ -108,10 +108,10 @@ def write_report(config, workdir, headline, sweep_rows, tests, detection, qualit
                   "slices of the training cases; 95 % CI by resampling cases.")
 
   r.heading("Translation quality")
-  q = quality["summary"]
+  q = headline["gan_quality"]
   r.table([{"metric": m, "mean": q[m]["mean"], "sd": q[m]["sd"]} for m in ("psnr", "ssim", "mae")],
           caption=f"Synthetic vs real {g.target} on the held-out cases (z-score units, whole volume).")
-  r.image(quality["figure"], "source / synthetic / real", base_dir=workdir)
+  r.image(figs["gan"], "source / synthetic / real", base_dir=workdir)
 
   r.heading("Protocol")
   gm, gl, gt = g.model, g.loss, g.train

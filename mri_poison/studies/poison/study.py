@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -19,6 +20,7 @@ from mri_poison.studies.poison import evaluation
 from mri_poison.studies.poison import training
 from mri_poison.studies.poison import translator
 from mri_poison.studies.poison.report import dice_figure, write_report
+from mri_poison.train import workdir as workdir_lib
 
 # What may change between runs of one workdir: adding seeds or modes trains only the new sweeps; evaluation and
 # detection settings only add or recompute results. Anything else would change the GAN or the segmenters.
@@ -145,17 +147,42 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     io_utils.write_json(os.path.join(results, "detectability.json"), detection)
     detect_s = time.perf_counter() - t0
 
-    fig = dice_figure(sweep_rows, config, os.path.join(workdir, "figures", "dice_vs_share.png"))
+    dice_figure(sweep_rows, config, os.path.join(workdir, "figures", FIGURES["dice"]))
     headline = _headline(sweep_rows, tests, detection, quality, config, n_val=len(val_ids))
-    headline.update({"gate": gate, "et_learnt": bool(gate[0]["learnt"]), "n_val_all": len(et_present)})
+    headline.update({"gate": gate, "et_learnt": bool(gate[0]["learnt"]), "n_val_all": len(et_present),
+                     "n_train": len(train)})
     headline.update({"wall_seconds": time.perf_counter() - t_start, "gan_seconds": gan_s,
                      "sweep_train_seconds": t_train, "eval_seconds": t_eval, "detect_seconds": detect_s})
     io_utils.write_json(os.path.join(results, "headline.json"), headline)
-    write_report(config, workdir, headline, sweep_rows, tests, detection, quality, fig, records,
-                 n_train=len(train), paper=PAPER)
+    if workdir_lib.is_writer():  # from the files just written, as `render` writes it again later
+      render(workdir)
     logging.info("poison sweep: done in %.0f s; report at %s", headline["wall_seconds"],
                  os.path.join(workdir, "report.md"))
     return headline
+
+
+RESULT_FILES = {"sweep": "poison_sweep.csv", "tests": "comparisons.csv", "detection": "detectability.json",
+                "headline": "headline.json", "gan_grid": os.path.join("stages", "gan_grid.json")}
+FIGURES = {"dice": "dice_vs_share.png"}  # the GAN grid's path is its stage's result (results/stages/gan_grid.json)
+
+
+def render(workdir: str) -> str:
+  """report.md of a finished workdir written from its result files alone (config.json, results/poison_sweep.csv,
+  comparisons.csv, detectability.json, headline.json and the GAN grid's stage): nothing is loaded, trained or
+  scored. `run` writes its report through here. Returns the report's path."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  results = os.path.join(workdir, "results")
+  paths = {k: os.path.join(results, f) for k, f in RESULT_FILES.items()}
+  missing = [p for p in [os.path.join(workdir, "config.json")] + list(paths.values()) if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"{workdir} is not a finished study 1 workdir: missing {missing}")
+  config = ml_collections.ConfigDict(workdir_lib.read_json(os.path.join(workdir, "config.json"), workdir)["config"])
+  sweep_rows, tests = io_utils.read_csv(paths["sweep"]), io_utils.read_csv(paths["tests"])
+  detection, headline = (workdir_lib.read_json(paths[k], workdir) for k in ("detection", "headline"))
+  figs = {"dice": os.path.join(workdir, "figures", FIGURES["dice"]),
+          "gan": os.path.join(workdir, workdir_lib.read_json(paths["gan_grid"], workdir)["result"])}
+  write_report(config, workdir, headline, sweep_rows, tests, detection, figs, paper=PAPER)
+  return os.path.join(workdir, "report.md")
 
 
 def _gate(config, per_case, val_ids, train_cases, val_image, val_label) -> list[dict]:
