@@ -48,4 +48,4 @@ def test_dry_run_within_its_budget(tmp_path):
   md = (tmp_path / "gpu_check.md").read_text()
   assert "| 1 | unet128 | ok |" in md
   assert "# gpu_check" not in __import__("experiments.bench.gpu_check", fromlist=["x"]).results_section(summary)
-  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp_")]  # atomic writes left nothing behind
+  assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # atomic writes left nothing behind

@@ -52,6 +52,7 @@ import time
 from absl import app, flags
 
 from experiments import launch_utils
+from mri_poison import io_utils
 
 _BUDGET = flags.DEFINE_float("budget_s", 480.0, "Wall-time budget of the whole command, compilation included.")
 _OUT = flags.DEFINE_string("out_dir", "experiments/bench/results/gpu_check", "Where the JSON, Markdown, logs go.")
@@ -228,14 +229,7 @@ def worker_main(spec: dict) -> None:
   from experiments.bench import timing
   result = WORKERS[spec["kind"]](spec["args"])
   result.update(device=_device(), peak=timing.peak_memory())
-  _write_atomic(spec["result"], json.dumps(result, indent=1, default=_jsonable))
-
-
-def _jsonable(x):
-  try:
-    return x.item()  # numpy / jax scalars
-  except AttributeError:
-    return str(x)
+  io_utils.write_json(spec["result"], result)
 
 
 # --------------------------------------------------------------------------------------------- the peer
@@ -272,14 +266,6 @@ def _peer_missing() -> str:
 
 
 # ------------------------------------------------------------------------------------------- scheduling
-
-def _write_atomic(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
 
 def _tail(path: str, n: int = 2000) -> str:
   try:
@@ -408,8 +394,8 @@ def _finish(summary: dict, out_dir: str) -> dict:
   summary["status_counts"] = {s: sum(j["status"] == s for j in summary["jobs"])
                               for s in ("ok", "skipped", "timeout", "failed")}
   summary["ratios"] = ratios(summary)
-  _write_atomic(os.path.join(out_dir, "gpu_check.json"), json.dumps(summary, indent=1, default=_jsonable))
-  _write_atomic(os.path.join(out_dir, "gpu_check.md"), markdown(summary))
+  io_utils.write_json(os.path.join(out_dir, "gpu_check.json"), summary)
+  io_utils.write_text(os.path.join(out_dir, "gpu_check.md"), markdown(summary))
   return summary
 
 
