@@ -1,11 +1,14 @@
 """Study 4 end to end on a tiny phantom: protect -> train victims -> clean test; rerun reuses everything."""
 import csv
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from experiments.configs import unlearnable as config_lib
+from mri_poison import io_utils
 from mri_poison.data.case import REGIONS
 from mri_poison.data.datasets import phantom_cases
 from mri_poison.studies import unlearnable
@@ -108,7 +111,8 @@ def test_tiny_study_end_to_end(tmp_path):
   assert sorted(via_tfds) == sorted(c.case_id for c in cases[:3])
   nifti = load_case(os.path.join(workdir, "protected", "random", cases[0].case_id))
   np.testing.assert_allclose(via_tfds[cases[0].case_id].image, nifti.image, atol=1e-6)
-  assert headline["shortcut"]["random/standard"]["train_protected_dice"] >= 0.0
+  shortcut = {r["victim"]: r for r in io_utils.read_csv(os.path.join(workdir, "results", "shortcut.csv"))}
+  assert set(shortcut) == {"none/standard", "random/standard"} and shortcut["random/standard"]["train_clean_dice"] >= 0
   text = open(os.path.join(workdir, "report.md")).read()
   assert "Findings and caveats" in text and "50.03" in text and "exploratory" in text
   # A rerun reuses every model and cell (the table is unchanged, nothing is retrained).
@@ -116,6 +120,17 @@ def test_tiny_study_end_to_end(tmp_path):
   again = unlearnable.run(config, workdir, splits=splits)
   assert open(os.path.join(workdir, "results", "cells.csv")).read() == before
   assert again["dice"] == headline["dice"]
+  # report.md again from the result files alone: no model, protected data, protection run or cell table in reach.
+  copy = str(tmp_path / "rendered")
+  shutil.copytree(workdir, copy, ignore=lambda d, names: [n for n in names if n == "cells.csv" or (
+      d == workdir and (n in ("models", "protect") or n.startswith("protected")))])
+  assert not os.path.exists(os.path.join(copy, "models")) and os.path.exists(os.path.join(copy, "results", "victims.csv"))
+  os.remove(os.path.join(copy, "report.md"))
+  assert unlearnable.render(copy) == os.path.join(copy, "report.md")
+  assert open(os.path.join(copy, "report.md")).read() == open(os.path.join(workdir, "report.md")).read()
+  os.remove(os.path.join(copy, "results", "quality.csv"))
+  with pytest.raises(FileNotFoundError, match="quality.csv"):
+    unlearnable.render(copy)
   # A changed protection budget is refused before anything is written.
   config.protect.eps = 8 / 255
   with pytest.raises(Exception, match="protect.eps"):
@@ -127,7 +142,7 @@ def test_phase_map_on_a_2x2_grid(tmp_path):
   config = _tiny_config()
   config.train.update(dict(steps=4, log_every=4, ckpt_every=4))
   config.phase_map.update(dict(axis="data.phantom.tumour_contrast", levels=(0.3, 1.0), eps=(8 / 255, 64 / 255),
-                               methods=("classpattern", "random")))
+                               methods=("random", "classpattern")))
   out = phase_map.run(config, str(tmp_path))
   assert len(out["points"]) == 8
   for p in out["points"]:
@@ -144,6 +159,11 @@ def test_phase_map_on_a_2x2_grid(tmp_path):
   assert all(p["learnt_regions"] == [] for p in out["points"])
   assert all(e is None for per in out["boundary"].values() for e in per.values())
   assert os.path.exists(tmp_path / "figures" / "phase_map.png") and os.path.exists(tmp_path / "results" / "phase_map.json")
+  # report.md's section reads the same from results/phase_map.json (whose keys are sorted) as from the run
+  from mri_poison.studies.unlearnable import report
+  with open(tmp_path / "results" / "phase_map.json") as f:
+    assert report.phase_map_section(json.load(f)) == report.phase_map_section(out)
+  assert "- `random`: no point" in report.phase_map_section(out)[-2]
   with pytest.raises(ValueError, match="phase_map.axis"):
     config.phase_map.axis = "data.phantom.tumor_contrast"
     phase_map.run(config, str(tmp_path / "bad"))
@@ -154,7 +174,7 @@ def test_umed_findings_say_no_result_when_umed_did_not_converge():
   from mri_poison.studies.unlearnable import report
   config = config_lib.get_config("runlocal")
   vrows = [{"victim": "none/standard", "dice_mean_mean": 0.50}, {"victim": "umed/standard", "dice_mean_mean": 0.47}]
-  qrows = [{"method": "umed", "psnr_mean": 49.1, "psnr_sd": 2.4}]
+  qrows = [{"method": "umed", "psnr_mean": 49.1, "psnr_sd": 2.4, "contrast_alignment": 0.1}]
   comp = [{"family": "primary", "a": "none/standard", "b": "umed/standard", "mean_diff": 0.03, "ci_low": -0.01,
            "ci_high": 0.08, "p_holm": 0.59, "p_value": 0.3, "n_effective": 20},
           {"family": "seed-averaged", "comparison": "clean-trained minus umed-trained", "a": "none/standard x2 seeds",
@@ -164,7 +184,8 @@ def test_umed_findings_say_no_result_when_umed_did_not_converge():
   def lines(hallmark):
     info = {"umed": {"surrogate_ce_protected": hallmark, "surrogate_ce_clean": 1.0, "hallmark": hallmark}}
     headline = {"n_test": 20, "learnt_regions": ["WT", "TC", "ET"], "gate": gate, "protection_info": info}
-    return report.findings(config, vrows, qrows, comp, headline)
+    return report.findings(config, dict(victims=vrows, quality=qrows, comparisons=comp, shortcut=[], sweep=[]),
+                           headline)
 
   unfit, fit = lines(1.0), lines(0.1)
   assert "NO RESULT" in unfit[0] and "hallmark 1.00" in unfit[0]

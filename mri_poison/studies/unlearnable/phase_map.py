@@ -27,7 +27,7 @@ from mri_poison.poison import protections
 from mri_poison.poison import unlearnable as ul
 from mri_poison.report import figures
 from mri_poison.studies import learnt as learnt_lib
-from mri_poison.studies.unlearnable import report
+from mri_poison.studies.unlearnable import analysis
 from mri_poison.studies.unlearnable import victims
 from mri_poison.train import loop as train_loop
 from mri_poison.train import state as state_lib
@@ -77,7 +77,7 @@ def run(config, workdir: str) -> dict:
     test = victims.test_arrays(test_cases)
     data = ul.slice_set(train, width=int(cfg.protect.umed.width))
     clean_scores = victims.score(apply_fn, _victim(cfg, point_dir, "none", train), test, cfg)
-    gate = report.clean_gate(cfg, np.stack([clean_scores[f"dice_{r}"] for r in REGIONS], axis=1), test, train)
+    gate = analysis.clean_gate(cfg, np.stack([clean_scores[f"dice_{r}"] for r in REGIONS], axis=1), test, train)
     learnt = learnt_lib.learnt(gate)
     regions = learnt or REGIONS
     clean = _region_mean(clean_scores, regions)
@@ -148,22 +148,3 @@ def figure(result: dict, path: str) -> str:
   fig.suptitle("Dice drop of victims trained on protected data (* = hallmark not converged, "
                "? = clean victim learnt no region)", fontsize=9)
   return figures.save_figure(fig, path)
-
-
-def markdown_lines(result: dict) -> list[str]:
-  """The phase map as a table plus the boundary in words, for report.md."""
-  lines = [f"| {result['axis'].split('.')[-1]} | budget | method | regions learnt | drop (95 % CI) | PSNR dB | hallmark |",
-           "|---|---|---|---|---|---|---|"]
-  for p in result["points"]:
-    hm = "-" if p["hallmark"] is None else f"{p['hallmark']:.2f}" + ("" if p["converged"] else " (not converged)")
-    regions = p.get("learnt_regions")
-    learnt = "-" if regions is None else ", ".join(regions) or "none (drop over all three, no result)"
-    lines.append(f"| {p['value']:g} | {p['eps'] * 255:.3g}/255 | {p['method']} | {learnt} | {p['drop']:+.3f} "
-                 f"({p['drop_low']:+.3f}, {p['drop_high']:+.3f}) | {p['psnr']:.1f} | {hm} |")
-  lines.append("")
-  for m, per in result["boundary"].items():
-    hits = {v: e for v, e in per.items() if e is not None}
-    lines.append(f"- `{m}`: " + ("; ".join(f"at {result['axis'].split('.')[-1]} {v}: from {e * 255:.3g}/255"
-                                          for v, e in hits.items()) if hits else
-                                 "no point with a drop CI above 0.05 on this grid") + ".")
-  return lines

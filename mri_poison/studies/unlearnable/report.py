@@ -1,4 +1,5 @@
-"""Study 4: tables, statistics, figures and report.md, all derived from the evaluation cells."""
+"""Study 4's report.md, worded from the result rows `analysis` writes (findings and diagnosis generated from
+them); `study.render` calls `write_report` on the rows read back from results/."""
 from __future__ import annotations
 
 import os
@@ -6,281 +7,16 @@ import os
 import numpy as np
 
 from mri_poison import io_utils
-from mri_poison import metrics
-from mri_poison.data.case import REGIONS
-from mri_poison.data.preprocess import brain_mask
-from mri_poison.ops import morphology
 from mri_poison.poison import protections
-from mri_poison.report import figures
 from mri_poison.report import markdown
 from mri_poison.report import tables
 from mri_poison.studies import learnt as learnt_lib
+from mri_poison.studies.unlearnable.analysis import figure_paths, hallmark
 
 PAPER = {"psnr_db": 50.03, "dsc_clean_pct": 82.18, "dsc_protected_pct": 6.80}
 # A counter-measure that lowers the clean-trained victim by more than this (mean Dice) is no fair test of a
 # protection: protected victims fall with it [ours].
 COUNTER_COST_MAX = 0.1
-
-
-def victim_kind(name: str) -> str:
-  """"seed" (a replicate of a standard victim with another training seed), "sweep", "partial" or "main"."""
-  if "@seed=" in name:
-    return "seed"
-  if "@eps=" in name:
-    return "sweep"
-  return "partial" if "@" in name else "main"
-
-
-def _ci(values, seed=0):
-  ci = metrics.bootstrap_ci(values, n_boot=2000, seed=seed)
-  return ci["low"], ci["high"]
-
-
-def victim_rows(table, cells, plan, test_ids) -> list[dict]:
-  rows = []
-  for name, method, regime, fraction, eps in plan:
-    row = {"victim": name, "method": method, "regime": regime, "fraction": fraction, "eps": eps}
-    for m in ("dice_WT", "dice_TC", "dice_ET", "dice_mean"):
-      v = table.values(cells[name], m, test_ids)
-      row[f"{m}_mean"], row[f"{m}_sd"] = float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-    row["ci_low"], row["ci_high"] = _ci(table.values(cells[name], "dice_mean", test_ids))
-    rows.append(row)
-  return rows
-
-
-def quality_rows(table, names, train_ids, quality_cells) -> list[dict]:
-  rows = []
-  for m in names:
-    row = {"method": m}
-    for q in ("psnr", "ssim", "share_roi", "share_band", "linf_scaled"):
-      v = table.values(quality_cells[m], q, train_ids)
-      row[f"{q}_mean"], row[f"{q}_sd"] = float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-    rows.append(row)
-  return rows
-
-
-def comparisons(table, cells, plan, methods, regimes, test_ids) -> list[dict]:
-  """Paired (by test case) mean-Dice comparisons; the primary family (method vs none, standard) Holm-corrected."""
-  names = {n for n, *_ in plan}
-  dice = lambda n: table.values(cells[n], "dice_mean", test_ids)
-  out = []
-
-  def add(family, a, b, what):
-    r = metrics.paired_comparison(dice(a), dice(b))
-    out.append({"family": family, "comparison": what, "a": a, "b": b, **r})
-
-  for m in methods[1:]:
-    add("primary", "none/standard", f"{m}/standard", f"clean-trained minus {m}-trained victim")
-  for regime in regimes[1:]:
-    for m in (m for m in methods[1:] if f"{m}/{regime}" in names):
-      add("counter-measure", f"none/{regime}", f"{m}/{regime}", f"{regime}: clean-trained minus {m}-trained")
-      add("recovery", f"{m}/{regime}", f"{m}/standard", f"{m}: {regime} minus standard training")
-  for n in sorted(x for x in names if victim_kind(x) == "partial"):
-    add("partial", "none/standard", n, f"clean-trained minus {n}")
-  for n in sorted(x for x in names if victim_kind(x) == "sweep"):
-    add("sweep", "none/standard", n, f"clean-trained minus {n}")
-  # Seed-averaged: each test case's Dice averaged over a victim's training seeds (standard + its replicates)
-  replicas = lambda m: [f"{m}/standard"] + sorted(x for x in names if x.startswith(f"{m}/standard@seed="))
-  if len(replicas("none")) > 1:
-    for m in methods[1:]:
-      if len(replicas(m)) > 1:
-        a = np.mean([dice(x) for x in replicas("none")], axis=0)
-        b = np.mean([dice(x) for x in replicas(m)], axis=0)
-        r = metrics.paired_comparison(a, b)
-        out.append({"family": "seed-averaged", "comparison": f"clean-trained minus {m}-trained, per-case Dice "
-                    f"averaged over {len(replicas('none'))} / {len(replicas(m))} training seeds",
-                    "a": f"none/standard x{len(replicas('none'))} seeds",
-                    "b": f"{m}/standard x{len(replicas(m))} seeds", **r})
-  primary = [r for r in out if r["family"] == "primary"]
-  adjusted = metrics.holm([r["p_value"] for r in primary]) if primary else []
-  for r, p in zip(primary, adjusted):
-    r["p_holm"] = float(p)
-  for r in out:
-    r.setdefault("p_holm", float("nan"))
-  return out
-
-
-def dice_figure(rows, methods, regimes, path) -> str:
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(methods), 3.4))
-  width = 0.8 / max(len(regimes), 1)
-  for j, regime in enumerate(regimes):
-    sel = {r["method"]: r for r in rows if r["regime"] == regime and victim_kind(r["victim"]) == "main"}
-    xs = np.arange(len(methods)) + (j - (len(regimes) - 1) / 2) * width
-    means = [sel[m]["dice_mean_mean"] if m in sel else np.nan for m in methods]
-    err = [sel[m]["dice_mean_sd"] if m in sel else 0.0 for m in methods]
-    ax.bar(xs, means, width, yerr=err, capsize=2, label=regime)
-  ax.set_xticks(np.arange(len(methods)))
-  ax.set_xticklabels(methods)
-  ax.set_ylabel("clean-test mean Dice (WT, TC, ET)")
-  ax.set_ylim(0, 1.25)  # headroom: the legend sits above the bars
-  ax.legend(title="victim training", fontsize=7, ncol=len(regimes), loc="upper center")
-  ax.set_title("Victims trained on protected data, tested on clean data (mean +- SD)")
-  return figures.save_figure(fig, path)
-
-
-def partial_figure(rows, method, path) -> str:
-  import matplotlib.pyplot as plt
-  pts = sorted([(0.0, r) for r in rows if r["victim"] == "none/standard"]
-               + [(r["fraction"], r) for r in rows if r["method"] == method and r["regime"] == "standard"
-                  and victim_kind(r["victim"]) in ("main", "partial")],
-               key=lambda t: t[0])
-  fig, ax = plt.subplots(figsize=(4, 3))
-  f = [p[0] * 100 for p in pts]
-  m = np.asarray([p[1]["dice_mean_mean"] for p in pts])
-  lo, hi = np.asarray([p[1]["ci_low"] for p in pts]), np.asarray([p[1]["ci_high"] for p in pts])
-  ax.plot(f, m, "o-")
-  ax.fill_between(f, lo, hi, alpha=0.25)
-  ax.set_xlabel(f"% of training cases protected ({method})")
-  ax.set_ylabel("clean-test mean Dice")
-  ax.set_ylim(0, 1)
-  return figures.save_figure(fig, path)
-
-
-def example_figure(train_cases, protected, methods, width, path) -> str:
-  """Clean / protected / perturbation x20 (with the contour band outlined) on the first case's largest tumour slice."""
-  import matplotlib.pyplot as plt
-  case = train_cases[0]
-  z = int(np.argmax((case.label > 0).sum(axis=(0, 1))))
-  channel = case.modalities.index("flair") if "flair" in case.modalities else 0
-  x = case.image[:, :, z, channel]
-  band = np.asarray(morphology.contour_band(case.label[:, :, z] > 0, width, 2))
-  shown = [m for m in methods if m != "none"]
-  fig, axes = plt.subplots(len(shown), 3, figsize=(7.5, 2.5 * len(shown)), squeeze=False)
-  for i, m in enumerate(shown):
-    xp = protected[m][0].image[:, :, z, channel]
-    delta = xp - x
-    lim = float(np.abs(x).max()) or 1.0
-    axes[i, 0].imshow(x.T, cmap="gray", origin="lower")
-    axes[i, 1].imshow(xp.T, cmap="gray", origin="lower")
-    axes[i, 2].imshow(np.clip(20 * delta, -lim, lim).T, cmap="seismic", vmin=-lim, vmax=lim, origin="lower")
-    axes[i, 2].contour(band.T.astype(float), levels=[0.5], colors="k", linewidths=0.6, origin="lower")
-    axes[i, 0].set_ylabel(m)
-    for a, t in zip(axes[i], ("clean", "protected", "perturbation x20, contour band")):
-      a.set_title(t, fontsize=8)
-      a.set_xticks([])
-      a.set_yticks([])
-  fig.suptitle(f"{case.case_id}, slice z={z}, {case.modalities[channel]}", fontsize=9)
-  return figures.save_figure(fig, path)
-
-
-def shortcut_rows(table, shortcut_cells, plan, train_ids) -> list[dict]:
-  """Per standard victim: Dice on the protected training data it saw vs on the same cases unprotected."""
-  rows = []
-  for name, method, *_ in plan:
-    if (name, "train_protected") not in shortcut_cells:
-      continue
-    row = {"victim": name, "method": method}
-    for split in ("train_protected", "train_clean"):
-      cell = shortcut_cells[(name, split)]
-      row[f"{split}_dice"] = float(np.mean(table.values(cell, "dice_mean", train_ids)))
-    row["gap"] = row["train_protected_dice"] - row["train_clean_dice"]
-    rows.append(row)
-  return rows
-
-
-def sweep_rows(vrows, qrows, comp, config) -> list[dict]:
-  """The budget sweep (config protect.sweep_eps of protect.sweep_method) beside the clean-trained victim."""
-  p = config.protect
-  method = str(p.sweep_method)
-  q = {r["method"]: r for r in qrows}
-  c = {r["b"]: r for r in comp if r["family"] in ("primary", "sweep")}
-  rows = []
-  for r in vrows:
-    if r["method"] != method or r["regime"] != "standard" or victim_kind(r["victim"]) not in ("main", "sweep"):
-      continue
-    name = r["victim"].split("/")[0]
-    if name not in q or r["victim"] not in c:
-      continue
-    cr = c[r["victim"]]
-    rows.append({"victim": r["victim"], "eps": r["eps"], "eps_255": r["eps"] * 255, "psnr": q[name]["psnr_mean"],
-                 "dice": r["dice_mean_mean"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                 "drop": cr["mean_diff"], "drop_ci_low": cr["ci_low"], "drop_ci_high": cr["ci_high"],
-                 "p_value": cr["p_value"]})
-  return sorted(rows, key=lambda r: r["eps"])
-
-
-def sweep_figure(rows, clean_dice, method, path) -> str:
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(4.2, 3.2))
-  e = [r["eps_255"] for r in rows]
-  ax.semilogx(e, [r["dice"] for r in rows], "o-", base=2, label=f"{method}-protected victim")
-  ax.fill_between(e, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], alpha=0.25)
-  ax.axhline(clean_dice, color="k", ls="--", lw=0.8, label="clean-trained victim")
-  for r in rows:
-    ax.annotate(f"{r['psnr']:.0f} dB", (r["eps_255"], r["dice"]), fontsize=7, xytext=(3, -10),
-                textcoords="offset points")
-  ax.set_xlabel("budget eps x 255 (on [0, 1]-scaled intensities)")
-  ax.set_ylabel("clean-test mean Dice")
-  ax.set_ylim(0, 1)
-  ax.legend(fontsize=7)
-  return figures.save_figure(fig, path)
-
-
-def clean_gate(config, clean, test: dict, train_cases) -> list[dict]:
-  """The gate (config.gate) on a clean-trained victim's per-case Dice `clean` (n, 3) on the test arrays."""
-  return learnt_lib.gate_regions(config.gate, clean, test["label"], val_images=test["image"],
-                                 val_brains=brain_mask(test["image"]),
-                                 train_cases=[(c.image, c.label, brain_mask(c.image)) for c in train_cases])
-
-
-def finish(config, workdir, table, cells, plan, methods, train_ids, test, protected, train_cases, data, info,
-           written, *, quality_cells, shortcut_cells, timings) -> dict:
-  results, fig_dir = os.path.join(workdir, "results"), os.path.join(workdir, "figures")
-  p = config.protect
-  regimes = tuple(config.counter.regimes)
-  test_ids = list(test["case_id"])
-  # The gate: regions the clean-trained standard victim learnt; every mean Dice below averages those only.
-  clean = np.stack([table.values(cells["none/standard"], f"dice_{r}", test_ids) for r in REGIONS], axis=1)
-  gate = clean_gate(config, clean, test, train_cases)
-  io_utils.write_csv(os.path.join(results, "gate.csv"), gate)
-  table = learnt_lib.LearntDiceView(table, learnt_lib.learnt(gate))
-  vrows = victim_rows(table, cells, plan, test_ids)
-  qrows = quality_rows(table, list(quality_cells), train_ids, quality_cells)
-  for row in qrows:  # derived from the protected volumes (not a cell): cheap, and re-derived on every run
-    eps_m = next((e for n, m, _, _, e in plan if n.split("/")[0] == row["method"]), float(p.eps))
-    row["contrast_alignment"] = contrast_alignment(train_cases, protected[row["method"]], eps_m)
-  comp = comparisons(table, cells, plan, methods, regimes, test_ids)
-  srows = shortcut_rows(table, shortcut_cells, plan, train_ids)
-  wrows = sweep_rows(vrows, qrows, comp, config) if tuple(p.sweep_eps) else []
-  per_case = [dict(victim=n, case=c, **{m: float(table.values(cells[n], m, [c])[0])
-                                        for m in ("dice_WT", "dice_TC", "dice_ET", "dice_mean")})
-              for n, *_ in plan for c in test_ids]
-  io_utils.write_csv(os.path.join(results, "per_case.csv"), per_case)
-  io_utils.write_csv(os.path.join(results, "victims.csv"), vrows)
-  io_utils.write_csv(os.path.join(results, "quality.csv"), qrows)
-  io_utils.write_csv(os.path.join(results, "comparisons.csv"), comp)
-  io_utils.write_csv(os.path.join(results, "shortcut.csv"), srows)
-  if wrows:
-    io_utils.write_csv(os.path.join(results, "sweep.csv"), wrows)
-  width = int(p.umed.width)
-  figs = {"dice": dice_figure(vrows, methods, regimes, os.path.join(fig_dir, "dice_vs_method.png")),
-          "example": example_figure(train_cases, protected, methods, width, os.path.join(fig_dir, "example.png"))}
-  by = {r["victim"]: r for r in vrows}
-  if any(victim_kind(r["victim"]) == "partial" for r in vrows):
-    figs["partial"] = partial_figure(vrows, str(p.partial_method), os.path.join(fig_dir, "partial.png"))
-  if wrows:
-    figs["sweep"] = sweep_figure(wrows, by["none/standard"]["dice_mean_mean"], str(p.sweep_method),
-                                 os.path.join(fig_dir, "sweep.png"))
-  q = {r["method"]: r for r in qrows}
-  headline = {
-      "gate": gate, "learnt_regions": list(learnt_lib.learnt(gate)),
-      "n_test": len(test_ids), "n_train": len(train_ids), "n_train_slices": int(np.shape(data["image"])[0]),
-      "dice": {n: {"mean": r["dice_mean_mean"], "sd": r["dice_mean_sd"], "ci": [r["ci_low"], r["ci_high"]]}
-               for n, r in by.items()},
-      "psnr_db": {m: q[m]["psnr_mean"] for m in q},
-      "primary": [{k: r[k] for k in ("b", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "n_effective")}
-                  for r in comp if r["family"] == "primary"],
-      "shortcut": {r["victim"]: {k: r[k] for k in ("train_protected_dice", "train_clean_dice", "gap")} for r in srows},
-      "sweep": [{k: r[k] for k in ("eps", "psnr", "dice", "drop", "drop_ci_low", "drop_ci_high", "p_value")}
-                for r in wrows],
-      "tumour_contrast_over_eps": tumour_contrast(train_cases, float(p.eps)),
-      "contrast_alignment": {r["method"]: r["contrast_alignment"] for r in qrows},
-      "protection_info": info, "protected_folders": written, **timings,
-  }
-  io_utils.write_json(os.path.join(results, "headline.json"), headline)
-  write_report(config, workdir, vrows, qrows, comp, figs, headline, srows, wrows)
-  return headline
 
 
 def _verdict(r) -> str:
@@ -291,54 +27,9 @@ def _verdict(r) -> str:
   return "no clear difference from the clean-trained victim"
 
 
-def contrast_alignment(clean_cases, protected_cases, eps: float) -> float:
-  """How much a perturbation strengthens the real tumour-vs-brain contrast, in budgets (mean over cases).
-
-  Per case and channel, s = sign(mean(tumour) - mean(other brain)) of the clean image; the alignment is
-  mean over tumour voxels of s * delta / (eps x range) minus the same over the other brain voxels, averaged over
-  channels. +2 would be the whole budget spent on making the tumour stand out more (delta = +eps in the tumour,
-  -eps around it); random noise scores ~0.
-  """
-  out = []
-  for c, pc in zip(clean_cases, protected_cases):
-    x, xp = np.asarray(c.image, np.float64), np.asarray(pc.image, np.float64)
-    brain = (x != 0).any(axis=-1)
-    tumour = np.asarray(c.label) > 0
-    other = brain & ~tumour
-    if not tumour.any() or not other.any():
-      continue
-    r = np.where(np.ptp(x, axis=(0, 1, 2)) > 0, np.ptp(x, axis=(0, 1, 2)), 1.0)
-    sign = np.sign(x[tumour].mean(axis=0) - x[other].mean(axis=0))
-    u = (xp - x) / (eps * r) * sign
-    out.append(float(np.mean(u[tumour].mean(axis=0) - u[other].mean(axis=0))))
-  return float(np.mean(out)) if out else float("nan")
-
-
-def tumour_contrast(cases, eps: float) -> float:
-  """Median over cases of the largest per-channel |mean(tumour) - mean(other brain)| / (eps x range): how many
-  budgets apart tumour and brain are (how much easier the real feature is than a budget-sized shortcut)."""
-  out = []
-  for c in cases:
-    image = np.asarray(c.image, np.float64)
-    brain = (image != 0).any(axis=-1)
-    tumour = np.asarray(c.label) > 0
-    if not tumour.any() or not (brain & ~tumour).any():
-      continue
-    r = np.where(np.ptp(image, axis=(0, 1, 2)) > 0, np.ptp(image, axis=(0, 1, 2)), 1.0)
-    diff = np.abs(image[tumour].mean(axis=0) - image[brain & ~tumour].mean(axis=0))
-    out.append(float(np.max(diff / (eps * r))))
-  return float(np.median(out)) if out else float("nan")
-
-
-def _hallmark(info: dict) -> float | None:
-  """A trained protection's hallmark (surrogate CE on protected / clean slices); None for a fixed pattern."""
-  if "surrogate_ce_protected" not in info:
-    return None
-  return info.get("hallmark", info["surrogate_ce_protected"] / max(info["surrogate_ce_clean"], 1e-12))
-
-
-def diagnosis(config, by, q, headline) -> list[str]:
-  """Generated sentences on why a protection does or does not work here (shortcut, surrogate fit, sweep)."""
+def diagnosis(config, res, headline) -> list[str]:
+  """Generated sentences on why a protection does or does not work here (shortcut, surrogate fit, sweep);
+  res: the result rows by `analysis.RESULT_TABLES` key."""
   out = []
   eps = float(config.protect.eps)
   contrast = headline.get("tumour_contrast_over_eps")
@@ -348,14 +39,14 @@ def diagnosis(config, by, q, headline) -> list[str]:
                f"{eps * 255:.3g}/255). Hypothesis, not a measured cause: the larger this ratio, the weaker a "
                "budget-sized shortcut is next to the real feature; the phase map (data difficulty x budget) is where "
                "it is tested.")
-  for m, a in headline.get("contrast_alignment", {}).items():
+  for m, a in ((r["method"], r["contrast_alignment"]) for r in res["quality"]):
     if m in ("minmin", "umed") and np.isfinite(a):
       out.append(f"Direction of `{m}`: its perturbation adds {a:+.2f} budgets to the tumour-vs-brain contrast "
                  + ("(error-minimising noise here mostly makes the tumour stand out MORE, which helps a victim learn "
                     "the real feature rather than hiding it)." if a > 0.25 else
                     "(it does not systematically strengthen the real contrast)."))
-  for name, r in headline.get("shortcut", {}).items():
-    m = name.split("/")[0]
+  for r in res["shortcut"]:
+    m = r["method"]
     if m == "none":
       continue
     learned = r["gap"] > 0.05
@@ -365,8 +56,9 @@ def diagnosis(config, by, q, headline) -> list[str]:
                                         "it does not rely on the perturbation (no shortcut learned; it learned the "
                                         "real tumour appearance)."))
   hallmark_max = float(config.protect.get("hallmark_max", 0.3))
-  for m, inf in headline.get("protection_info", {}).items():
-    ratio = _hallmark(inf)
+  info = headline.get("protection_info", {})
+  for m, inf in ((r["method"], info[r["method"]]) for r in res["quality"] if r["method"] in info):
+    ratio = hallmark(inf)
     if ratio is not None:
       verdict = ("converged: the noise, not the tumour, is what the surrogate fits" if ratio <= hallmark_max else
                  f"NOT CONVERGED (ratio above {hallmark_max:g}): no error-minimising noise was produced, so this "
@@ -377,7 +69,7 @@ def diagnosis(config, by, q, headline) -> list[str]:
                  f"and {inf['surrogate_ce_clean']:.4f} on the clean training slices, ratio {ratio:.2f}{victim}"
                  + (f"; min-min stopped at round {inf['stopped_at']} (-1: never reached the accuracy rule)"
                     if "stopped_at" in inf else "") + f" -- {verdict}.")
-  sweep = headline.get("sweep") or []
+  sweep = res["sweep"]
   if sweep:
     method = str(config.protect.sweep_method)
     hit = [r for r in sweep if r["drop"] >= 0.1 and r["drop_ci_low"] > 0]
@@ -390,10 +82,11 @@ def diagnosis(config, by, q, headline) -> list[str]:
   return out
 
 
-def findings(config, vrows, qrows, comp, headline) -> list[str]:
-  n = headline["n_test"]
-  by = {r["victim"]: r for r in vrows}
-  q = {r["method"]: r for r in qrows}
+def findings(config, res, headline) -> list[str]:
+  """The report's findings and caveats; res: the result rows by `analysis.RESULT_TABLES` key."""
+  n, comp = headline["n_test"], res["comparisons"]
+  by = {r["victim"]: r for r in res["victims"]}
+  q = {r["method"]: r for r in res["quality"]}
   kept = headline["learnt_regions"]
   hallmark_max = float(config.protect.get("hallmark_max", 0.3))
   dropped = learnt_lib.not_learnt_text(headline["gate"])
@@ -404,7 +97,7 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
   if not kept:
     return out
   seeds = {m: [by[n]["dice_mean_mean"] for n in by if n == f"{m}/standard" or n.startswith(f"{m}/standard@seed=")]
-           for m in ("none",) + tuple(x for x in {n.split("/")[0] for n in by})}
+           for m in dict.fromkeys(["none"] + [n.split("/")[0] for n in by])}
   spread = float(np.ptp(seeds["none"])) if len(seeds["none"]) > 1 else None
   for r in (r for r in comp if r["family"] == "primary"):
     m = r["b"].split("/")[0]
@@ -423,7 +116,7 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
                "above are over test cases for ONE training run each; differences of the size of this spread are "
                "run-to-run noise, not effects of a protection.")
   for r in (r for r in comp if r["family"] == "seed-averaged"):
-    ratio = _hallmark(headline.get("protection_info", {}).get(r["b"].split("/")[0], {}))
+    ratio = hallmark(headline.get("protection_info", {}).get(r["b"].split("/")[0], {}))
     out.append(f"Seed-averaged (exploratory): {r['comparison']}: difference {r['mean_diff']:+.3f} (95 % CI "
                f"{r['ci_low']:+.3f} to {r['ci_high']:+.3f}, p = {tables.format_p(r['p_value'])})"
                + (f"; the protection did not converge (hallmark {ratio:.2f}), so this is no result about the method."
@@ -461,7 +154,7 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
                  f"cost: the clean-trained victim scores {by['none/standard']['dice_mean_mean']:.3f} with standard "
                  f"training and {own} under the counter-measures; protected-data victims under a counter-measure "
                  "track the clean-data victim under the same counter-measure (the 'counter-measure' family rows).")
-    ratio = _hallmark(headline.get("protection_info", {}).get("umed", {}))
+    ratio = hallmark(headline.get("protection_info", {}).get("umed", {}))
     unfit = ratio is not None and ratio > hallmark_max
     out.insert(0, f"**UMed target check** (a UMed-protected victim clearly below the clean-trained one at PSNR >= 40 "
                   f"dB): Dice {by['umed/standard']['dice_mean_mean']:.3f} vs {by['none/standard']['dice_mean_mean']:.3f}"
@@ -471,7 +164,7 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
                      "whether UMed makes the data unlearnable; the paper's drop (82 % -> 7 %) is not reproduced." if unfit
                      else "NOT MET: at this budget and training length the protection does not make the data "
                      "unlearnable here; the paper's drop (82 % -> 7 %) is not reproduced."))
-  out.extend(diagnosis(config, by, q, headline))
+  out.extend(diagnosis(config, res, headline))
   out.append("Protections were trained and evaluated on the synthetic phantom, not BraTS: the numbers say whether "
              "the mechanism works on this data at this budget, not what it does on patients. One training run per "
              "victim (except the seed replicates): the spread between training runs is not in the CIs (they are over test "
@@ -484,8 +177,11 @@ def findings(config, vrows, qrows, comp, headline) -> list[str]:
   return out
 
 
-def write_report(config, workdir, vrows, qrows, comp, figs, headline, srows=(), wrows=()) -> None:
-  d, p, c = config.data, config.protect, config.counter
+def write_report(config, workdir, res, headline, phase_map: dict | None = None) -> str:
+  """Writes workdir/report.md from the result rows `res` (by `analysis.RESULT_TABLES` key), the headline and,
+  given, the phase map's results; returns its path."""
+  d, p, c, figs = config.data, config.protect, config.counter, figure_paths(workdir, res)
+  vrows, qrows, comp, srows, wrows = (res[k] for k in ("victims", "quality", "comparisons", "shortcut", "sweep"))
   r = markdown.Report("Study 4: unlearnable examples for segmentation (min-min, UMed)")
   r.paragraph(
       "Protect the training split, train a fresh victim U-Net from scratch on it, test on the clean test split "
@@ -497,7 +193,7 @@ def write_report(config, workdir, vrows, qrows, comp, figs, headline, srows=(), 
   r.paragraph(f"UMed abstract: average PSNR {PAPER['psnr_db']} dB; clean average DSC of models trained on protected "
               f"data falls from {PAPER['dsc_clean_pct']} % to {PAPER['dsc_protected_pct']} %.")
   r.heading("Findings and caveats")
-  r.bullets(findings(config, vrows, qrows, comp, headline))
+  r.bullets(findings(config, res, headline))
   learnt_lib.report_table(r, headline["gate"], config.gate, "Clean-trained standard victim (test cases)")
   r.heading("Victims (clean-test Dice)")
   r.image(figs["dice"], "Dice vs method", base_dir=workdir)
@@ -588,21 +284,51 @@ def write_report(config, workdir, vrows, qrows, comp, figs, headline, srows=(), 
       "training cases, the rest clean.",
       "Dice: the BraTS convention (both empty -> 1, one empty -> 0) per region on whole test volumes.",
   ])
-  nifti = {k: v for k, v in headline["protected_folders"].items() if not k.endswith("(tfds)")}
-  tfds_sets = {k: v for k, v in headline["protected_folders"].items() if k.endswith("(tfds)")}
+  folders = headline["protected_folders"]  # in protect.methods order (headline.json sorts its keys)
+  nifti = [folders[m] for m in p.methods if m in folders]
+  tfds_sets = [folders[f"{m} (tfds)"] for m in p.methods if f"{m} (tfds)" in folders]
   if nifti:
     r.paragraph("Protected training data as BraTS-2021-style NIfTI folders (float32 z-scored images, seg with ET = 4), "
                 "readable with `--config.data.source=brats --config.data.root=<folder>`: "
-                + ", ".join(f"`{v}`" for v in nifti.values()) + ".")
+                + ", ".join(f"`{v}`" for v in nifti) + ".")
   if tfds_sets:
     r.paragraph("The whole protected training splits as TFDS datasets (array_record volume records, the `brats` "
                 "builder's layout), readable with `--config.data.source=tfds --config.data.tfds_name=<name> "
                 "--config.data.data_dir=<workdir>/protected_tfds` or `tfds.data_source`: "
-                + ", ".join(f"`{v}`" for v in tfds_sets.values()) + ".")
+                + ", ".join(f"`{v}`" for v in tfds_sets) + ".")
   r.heading("Files")
   r.bullets(["`results/cells.csv`: every evaluation cell (victims on the test split; protection quality on the "
              "training split) as long-form rows.",
              "`results/victims.csv`, `results/quality.csv`, `results/comparisons.csv`, `results/per_case.csv`, "
              "`results/headline.json`.",
              "`protect/<method>/`: the min-min and UMed fit runs; `models/<victim>/`: each victim's training run."])
-  r.write(os.path.join(workdir, "report.md"))
+  text = r.text()
+  if phase_map is not None:
+    text = text.rstrip("\n") + "\n" + "\n".join(phase_map_section(phase_map)) + "\n"
+  path = os.path.join(workdir, "report.md")
+  io_utils.write_text(path, text)
+  return path
+
+
+def phase_map_section(result: dict) -> list[str]:
+  """The phase map's section of report.md (`phase_map.run`'s result, as results/phase_map.json holds it)."""
+  axis = result["axis"].split(".")[-1]
+  lines = ["", "## Phase map: where protections work", "",
+           f"Victims trained on protected data, tested on clean data, across `{result['axis']}` (the data's "
+           "difficulty) and the budget; drop = clean victim - protected victim, mean Dice of WT / TC / ET, 95 % "
+           "bootstrap CI over test cases (one training run per point: exploratory).", "",
+           "![phase map](phase_map/figures/phase_map.png)", "",
+           f"| {axis} | budget | method | regions learnt | drop (95 % CI) | PSNR dB | hallmark |",
+           "|---|---|---|---|---|---|---|"]
+  for p in result["points"]:
+    hm = "-" if p["hallmark"] is None else f"{p['hallmark']:.2f}" + ("" if p["converged"] else " (not converged)")
+    regions = p.get("learnt_regions")
+    learnt = "-" if regions is None else ", ".join(regions) or "none (drop over all three, no result)"
+    lines.append(f"| {p['value']:g} | {p['eps'] * 255:.3g}/255 | {p['method']} | {learnt} | {p['drop']:+.3f} "
+                 f"({p['drop_low']:+.3f}, {p['drop_high']:+.3f}) | {p['psnr']:.1f} | {hm} |")
+  lines.append("")
+  for m in result["methods"]:  # in config order, the budgets by data value (the JSON file sorts its keys)
+    hits = sorted((float(v), e) for v, e in result["boundary"][m].items() if e is not None)
+    lines.append(f"- `{m}`: " + ("; ".join(f"at {axis} {v:g}: from {e * 255:.3g}/255" for v, e in hits) if hits else
+                                 "no point with a drop CI above 0.05 on this grid") + ".")
+  return lines

@@ -16,15 +16,17 @@ from mri_poison.poison import protected_io
 from mri_poison.poison import protections
 from mri_poison.poison import unlearnable as ul
 from mri_poison.studies import common
+from mri_poison.studies.unlearnable import analysis
 from mri_poison.studies.unlearnable import counter
+from mri_poison.studies.unlearnable import report
 from mri_poison.studies.unlearnable import victims
 from mri_poison.train import loop as train_loop
 from mri_poison.train import state as state_lib
+from mri_poison.train import workdir as workdir_lib
 
 # What may change between runs of one workdir: evaluation and report settings only add or re-derive results.
 RESUMABLE_KEYS = ("eval.", "gate.")
 EVAL_VERSION = 1
-QUALITY = ("psnr", "ssim", "share_roi", "share_band", "linf_scaled")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -73,7 +75,7 @@ def _check_config(config) -> None:
 
 def quality(cases, protected_cases, width: int) -> dict[str, list[float]]:
   """Per training case: PSNR / SSIM on [0, 1]-scaled intensities, the perturbation's share in ROI and band."""
-  out = {k: [] for k in QUALITY}
+  out = {k: [] for k in analysis.QUALITY}
   for c, pc in zip(cases, protected_cases):
     x, xp = np.asarray(c.image, np.float64), np.asarray(pc.image, np.float64)
     r = ul.case_range(c.image)
@@ -171,24 +173,36 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
   with common.study_workdir(workdir, config, resumable_keys=RESUMABLE_KEYS, seed=int(config.seed)) as (workdir, _):
     common.record_data(workdir, config.data, {"train": train_cases, "val": test_cases})
     headline = _run(config, workdir, train_cases, test_cases, t_start)
+    if workdir_lib.is_writer():
+      render(workdir, phase_map=False)  # the report before the phase map, which may take long
     if config.phase_map.get("enabled", False):
       from mri_poison.studies.unlearnable import phase_map  # pylint: disable=g-import-not-at-top
       result = phase_map.run(config, os.path.join(workdir, "phase_map"))
       headline["phase_map"] = {k: result[k] for k in ("axis", "values", "eps", "methods", "boundary")}
-      _append_phase_map(workdir, result)
+      if workdir_lib.is_writer():
+        render(workdir)
     return headline
 
 
-def _append_phase_map(workdir: str, result: dict) -> None:
-  from mri_poison.studies.unlearnable import phase_map  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "report.md")
-  text = open(path).read() if os.path.exists(path) else ""
-  section = ["", "## Phase map: where protections work", "",
-             f"Victims trained on protected data, tested on clean data, across `{result['axis']}` (the data's "
-             "difficulty) and the budget; drop = clean victim - protected victim, mean Dice of WT / TC / ET, 95 % "
-             "bootstrap CI over test cases (one training run per point: exploratory).", "",
-             "![phase map](phase_map/figures/phase_map.png)", ""] + phase_map.markdown_lines(result)
-  io_utils.write_text(path, text.rstrip("\n") + "\n" + "\n".join(section) + "\n")
+def render(workdir: str, *, phase_map: bool = True) -> str:
+  """report.md of a finished workdir written again from its result files alone (config.json, results/*.csv and
+  headline.json; with config.phase_map.enabled, phase_map/results/phase_map.json, unless phase_map=False):
+  nothing is protected, trained or scored, and the figures are not redrawn. Returns the report's path."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  path = lambda *p: os.path.join(workdir, *p)
+  needed = [path("config.json"), path("results", "headline.json")] + [
+      path("results", f) for f in analysis.RESULT_TABLES.values()]
+  config = ml_collections.ConfigDict(workdir_lib.read_json(needed[0], workdir)["config"]) if os.path.isfile(
+      needed[0]) else None
+  pm = None
+  if phase_map and config is not None and config.phase_map.get("enabled", False):
+    needed.append(pm := path("phase_map", "results", "phase_map.json"))
+  missing = [p for p in needed if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"{workdir} is not a finished study 4 workdir: missing {missing}")
+  res = {k: io_utils.read_csv(path("results", f)) for k, f in analysis.RESULT_TABLES.items()}
+  return report.write_report(config, workdir, res, workdir_lib.read_json(needed[1], workdir),
+                             pm and workdir_lib.read_json(pm, workdir))
 
 
 def _run(config, workdir, train_cases, test_cases, t_start):
@@ -268,8 +282,7 @@ def _run(config, workdir, train_cases, test_cases, t_start):
     progress.update(i + 1)
   victims_s = time.perf_counter() - t0
 
-  from mri_poison.studies.unlearnable import report as report_lib
-  return report_lib.finish(config, workdir, table, cells, plan, methods, train_ids, test, protected, train_cases,
-                           data, info, written, quality_cells=quality_cells, shortcut_cells=shortcut_cells,
-                           timings={"protect_s": protect_s, "victims_s": victims_s,
-                                    "wall_s": time.perf_counter() - t_start})
+  facts = {"protection_info": info, "protected_folders": written, "n_train_slices": int(np.shape(data["image"])[0]),
+           "protect_s": protect_s, "victims_s": victims_s, "wall_s": time.perf_counter() - t_start}
+  return analysis.analyse(config, workdir, table, plan, {"victims": cells, "quality": quality_cells,
+                                                          "shortcut": shortcut_cells}, train_cases, test, protected, facts)
