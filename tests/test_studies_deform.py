@@ -1,10 +1,12 @@
-"""studies.deform: one tiny end-to-end run (2D arm, the deformation threats and the generator), then a rerun."""
+"""studies.deform: one tiny end-to-end run (2D arm, the deformation threats and the generator), then a rerun and
+its report rendered again from the result files alone."""
 import csv
 import json
 import os
 import shutil
 
 import numpy as np
+import pytest
 
 from experiments.configs import reproduce as reproduce_config
 from mri_poison.studies import deform as study
@@ -42,3 +44,17 @@ def test_tiny_run_writes_cells_report_and_volumes_then_reuses_them(main_job_at_t
   again = study.run(config, workdir)
   assert os.path.getmtime(os.path.join(workdir, "results", "cells.csv")) == mtime
   assert json.dumps(again["primary"], sort_keys=True) == json.dumps(headline["primary"], sort_keys=True)
+
+
+def test_report_renders_again_from_the_result_files_alone(main_job_at_test_size, tmp_path):
+  """render rebuilds report.md from results/ and config.json alone: the same text, with no model or cell table in
+  reach (they are left out of the copy); a missing result file is named."""
+  finished = os.path.join(main_job_at_test_size[0], "deform")
+  workdir = str(tmp_path / "wd")
+  shutil.copytree(finished, workdir, ignore=shutil.ignore_patterns("models", "cells.csv"))
+  os.remove(os.path.join(workdir, "report.md"))
+  assert study.render(workdir) == os.path.join(workdir, "report.md")
+  assert open(os.path.join(workdir, "report.md")).read() == open(os.path.join(finished, "report.md")).read()
+  os.remove(os.path.join(workdir, "results", "comparisons.csv"))
+  with pytest.raises(FileNotFoundError, match="comparisons.csv"):
+    study.render(workdir)

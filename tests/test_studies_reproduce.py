@@ -2,6 +2,9 @@
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -57,6 +60,40 @@ def test_second_run_reuses_every_stage(finished):
   assert {n: r["ended"] for n, r in again.items()} == {n: r["ended"] for n, r in records.items()}
   with open(os.path.join(workdir, "report.md")) as f:
     assert f.read().count("| reused |") == 2 * len(reproduce.STAGES)  # overview and time tables
+
+
+def test_every_report_renders_again_from_the_files_alone(finished, tmp_path):
+  """experiments.render on a main-job workdir writes each study's report.md, then the combined one, again from
+  the result files: the same text, with no model, cell table, protected data or volume in reach."""
+  workdir, _, _ = finished
+  copy = str(tmp_path / "main")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("models", "cells.csv", "protect*", "volumes"))
+  reports = {}
+  for top, _, files in os.walk(copy):
+    if "report.md" in files:
+      path = os.path.join(top, "report.md")
+      reports[os.path.relpath(path, copy)] = open(path).read()
+      os.remove(path)
+  assert len(reports) == 1 + len(reproduce.STAGES), sorted(reports)
+  out = subprocess.run([sys.executable, "-m", "experiments.render", "--workdir", copy], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+  assert "report.md" in out.stdout
+  for rel, text in reports.items():
+    assert open(os.path.join(copy, rel)).read() == text, rel
+  os.remove(os.path.join(copy, reproduce.pipeline.REPORT_INPUTS))
+  with pytest.raises(FileNotFoundError, match="report_inputs.json"):
+    reproduce.render(copy)
+  # A report written again with other words is not a reason to run its stage again: render updates the record.
+  full = str(tmp_path / "full")
+  shutil.copytree(workdir, full)
+  record_path = os.path.join(full, "stages", "deform.json")
+  with open(record_path) as f:
+    record = json.load(f)
+  record["outputs"]["report.md"] = "0" * 64  # as if the report's wording changed since the run
+  with open(record_path, "w") as f:
+    json.dump(record, f)
+  reproduce.render(full)
+  assert all(r["reused"] for r in reproduce.run(get_config("test"), full).values())
 
 
 def _fake_config(stages=("poison", "deform")):

@@ -8,6 +8,10 @@ attack at each target drop Delta, its budget-limited worst case, random fields o
 generator, and study 2's i-FGSM / PGD; writes per-case and summary tables, paired comparisons (Holm over the
 declared primary family), figures, NIfTI volumes and report.md. A rerun reuses models and cells.
 
-Modules: training (arms, held-out data, models), evaluation (cells, statistics), report, study (`run`).
+`render(workdir)` writes report.md of a finished workdir again from its result files alone (what `run` does last).
+
+Modules: training (arms, held-out data, models), evaluation (cells, statistics), report, study (`run`, `render`).
 """
-from mri_poison.studies.deform.study import RESUMABLE_KEYS, check, run
+from mri_poison.studies.deform.study import RESUMABLE_KEYS, check, render, run
+
+__all__ = ["RESUMABLE_KEYS", "check", "render", "run"]

@@ -69,40 +69,42 @@ def example_figure(path, image, adv, label, adv_label, pred_clean, pred_adv, dis
   return figures.save_figure(fig, path)
 
 
-def summary_figures(config, workdir, table, cells_by_victim, case_ids) -> dict:
-  """Achieved vs target drop per case (per-case attack and generator), per arm."""
-  out = {}
+def summary_figure_name(arm: str) -> str:
+  return f"achieved_vs_target_{arm}.png"
+
+
+def summary_figures(config, workdir, summary, per_case) -> None:
+  """Achieved vs target drop per case (per-case attack and generator), per arm, from the summary and per-case rows:
+  figures/<summary_figure_name(arm)>."""
   for arm in config.arms:
     victim = f"{arm}/undefended"
-    cells, ids = cells_by_victim[victim], case_ids[arm]
+    drops = {}  # (threat, budget): the per-case achieved drops, in the per-case table's order
+    for r in per_case:
+      if r["victim"] == victim:
+        drops.setdefault((r["threat"], r["budget"]), []).append(r["dice_clean"] - r["dice"])
+    mean_drop = {(r["threat"], r["budget"]): r["drop"] for r in summary if r["victim"] == victim}
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     deltas = [float(d) for d in config.attack.deltas]
     for threat, marker in (("deform", "o"), ("generator", "x")):
       xs, ys = [], []
       for d in deltas:
-        if (threat, d) in cells:
-          drop = table.values(cells[(threat, d)], "dice_clean", ids) - table.values(cells[(threat, d)], "dice", ids)
-          xs += [d] * len(ids)
-          ys += list(drop)
+        xs += [d] * len(drops.get((threat, d), []))
+        ys += drops.get((threat, d), [])
       if xs:
         jitter = (np.random.default_rng(0).random(len(xs)) - 0.5) * 0.01
         ax.scatter(np.asarray(xs) + jitter, ys, marker=marker, s=12, alpha=0.6, label=threat)
-    rnd = table.values(cells[("random", 1.0)], "dice_clean", ids) - table.values(cells[("random", 1.0)], "dice", ids)
-    ax.axhline(float(np.mean(rnd)), color="gray", ls="--", lw=1, label="random fields (mean)")
-    if ("deform_max", 1.0) in cells:
-      mx = table.values(cells[("deform_max", 1.0)], "dice_clean", ids) - table.values(cells[("deform_max", 1.0)],
-                                                                                      "dice", ids)
-      ax.axhline(float(np.mean(mx)), color="k", ls=":", lw=1, label="deform_max (mean)")
+    ax.axhline(mean_drop[("random", 1.0)], color="gray", ls="--", lw=1, label="random fields (mean)")
+    if ("deform_max", 1.0) in mean_drop:
+      ax.axhline(mean_drop[("deform_max", 1.0)], color="k", ls=":", lw=1, label="deform_max (mean)")
     lim = max(deltas) * 1.3
     ax.plot([0, lim], [0, lim], color="r", lw=0.8, label="achieved = target")
     ax.set_xlabel("target Dice drop Delta")
     ax.set_ylabel("achieved Dice drop (hard, per case)")
-    ax.set_title(f"{arm}: achieved vs target ({len(ids)} cases)", fontsize=10)
+    ax.set_title(f"{arm}: achieved vs target ({len(drops[('random', 1.0)])} cases)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out[arm] = figures.save_figure(fig, os.path.join(workdir, "figures", f"achieved_vs_target_{arm}.png"))
-  return out
+    figures.save_figure(fig, os.path.join(workdir, "figures", summary_figure_name(arm)))
 
 
 def _gate_finding(arm, gate) -> str | None:

@@ -6,6 +6,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -20,6 +21,7 @@ from mri_poison.studies.deform import evaluation as ev
 from mri_poison.studies.deform import report as report_lib
 from mri_poison.studies.deform import training
 from mri_poison.train import state as state_lib
+from mri_poison.train import workdir as workdir_lib
 
 # Keys that only add results: another Delta, eps, attack, batch or example changes cells, never a model.
 RESUMABLE_KEYS = ("attack.", "eval.", "gate.", "variant")
@@ -97,19 +99,47 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
 
     results = os.path.join(workdir, "results")
     summary = ev.summary_rows(table, cells_by_victim, case_ids)
-    io_utils.write_csv(os.path.join(results, "summary.csv"), summary)
-    io_utils.write_csv(os.path.join(results, "per_case.csv"), ev.per_case_rows(table, cells_by_victim, case_ids))
+    io_utils.write_csv(os.path.join(results, RESULT_TABLES["summary"]), summary)
+    per_case = ev.per_case_rows(table, cells_by_victim, case_ids)
+    io_utils.write_csv(os.path.join(results, "per_case.csv"), per_case)
     comparisons = _comparisons(config, table, cells_by_victim, case_ids)
-    io_utils.write_csv(os.path.join(results, "comparisons.csv"), comparisons)
-    examples = {arm: _examples(config, workdir, arm, arm_data[arm], *models[arm]) for arm in config.arms}
-    figs = report_lib.summary_figures(config, workdir, table, cells_by_victim, case_ids)
+    io_utils.write_csv(os.path.join(results, RESULT_TABLES["comparisons"]), comparisons)
+    for arm in config.arms:  # results/stages/example_<arm>.json
+      _examples(config, workdir, arm, arm_data[arm], *models[arm])
+    report_lib.summary_figures(config, workdir, summary, per_case)
     io_utils.write_csv(os.path.join(results, "gate.csv"), [dict(arm=a, **g) for a in gates for g in gates[a]])
     headline = _headline(config, summary, comparisons, timings, t_start)
     headline["gate"] = gates
     io_utils.write_json(os.path.join(results, "headline.json"), headline)
-    report_lib.write_report(config, workdir, summary, comparisons, headline, examples, figs)
+    if workdir_lib.is_writer():  # the report from the files just written, as `render` writes it again
+      render(workdir)
     logging.info("deform: done in %.0f s; report at %s", headline["wall_seconds"], os.path.join(workdir, "report.md"))
     return headline
+
+
+RESULT_TABLES = {"summary": "summary.csv", "comparisons": "comparisons.csv"}
+
+
+def render(workdir: str) -> str:
+  """report.md of a finished workdir written again from its result files alone (results/summary.csv,
+  comparisons.csv, headline.json, the example stages, config.json): nothing is trained, attacked or scored, and
+  the figures already in figures/ are linked, not drawn. Returns the report's path."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  results = os.path.join(workdir, "results")
+  config_path = os.path.join(workdir, "config.json")
+  needed = [config_path] + [os.path.join(results, f) for f in list(RESULT_TABLES.values()) + ["headline.json"]]
+  missing = [p for p in needed if not os.path.isfile(p)]
+  config = None if missing else ml_collections.ConfigDict(workdir_lib.read_json(config_path, workdir)["config"])
+  stages = {arm: os.path.join(results, "stages", f"example_{arm}.json") for arm in (config.arms if config else ())}
+  missing += [p for p in stages.values() if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"{workdir} is not a finished study 3 workdir: missing {missing}")
+  res = {k: io_utils.read_csv(os.path.join(results, f)) for k, f in RESULT_TABLES.items()}
+  headline = workdir_lib.read_json(os.path.join(results, "headline.json"), workdir)
+  examples = {arm: workdir_lib.read_json(p, workdir)["result"] for arm, p in stages.items()}
+  figs = {arm: os.path.join(workdir, "figures", report_lib.summary_figure_name(arm)) for arm in config.arms}
+  report_lib.write_report(config, workdir, res["summary"], res["comparisons"], headline, examples, figs)
+  return os.path.join(workdir, "report.md")
 
 
 def _gate(config, apply_fn, params, data, train_cases, batch: int = 4) -> list[dict]:

@@ -9,6 +9,6 @@ findings) and the run manifest.
 A finished stage whose sub-config is unchanged is reused without running it; a changed or interrupted one is
 run again, and the study itself reuses its trained models and evaluation cells and resumes a killed training
 from its checkpoint. `config.force=True` deletes each stage's folder first. A stage that fails is recorded
-with its error and the others still run.
+with its error and the others still run. `render(workdir)` writes every report again from the files alone.
 """
-from mri_poison.studies.reproduce.pipeline import STAGES, StageFailed, run, stage_runner  # noqa: F401
+from mri_poison.studies.reproduce.pipeline import STAGES, StageFailed, render, run, stage_runner  # noqa: F401

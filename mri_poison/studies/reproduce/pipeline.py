@@ -14,6 +14,7 @@ from typing import Callable
 
 from absl import logging
 import jax
+import ml_collections
 
 from mri_poison import cellstore
 from mri_poison import io_utils
@@ -28,15 +29,19 @@ STAGES = ("robustify", "poison", "deform", "unlearnable")
 RESUMABLE_KEYS = ("variant", "seed", "force", "stages", "concurrent_stages", "report.") + tuple(f"{s}." for s in STAGES)
 
 
+REPORT_INPUTS = os.path.join("stages", "report_inputs.json")  # the stage records the report shows, the run's time
+
+
 class StageFailed(RuntimeError):
   """Raised by `run` after the report is written when some stage failed (the report says which and why)."""
 
 
-def stage_runner(name: str) -> Callable:
-  """The study's `run(config, workdir)` (imported lazily: a stage's imports fail inside that stage only)."""
+def stage_runner(name: str, function: str = "run") -> Callable:
+  """The study's `run(config, workdir)` (imported lazily: a stage's imports fail inside that stage only), or
+  with function="render" its `render(workdir)`."""
   if name not in STAGES:
     raise ValueError(f"unknown stage {name!r}: expected one of {STAGES}")
-  return importlib.import_module(f"mri_poison.studies.{name}").run
+  return getattr(importlib.import_module(f"mri_poison.studies.{name}"), function)
 
 
 def stage_names(config) -> tuple[str, ...]:
@@ -210,7 +215,6 @@ def run(config, workdir: str, *, runners: dict[str, Callable] | None = None) -> 
   Raises StageFailed (after the report is written) if any stage failed. `runners` replaces a stage's study
   function (tests use it to make a stage fail).
   """
-  from mri_poison.studies.reproduce import report  # pylint: disable=import-outside-toplevel
   _check_config(config)
   stages = stage_names(config)
   t0 = time.time()
@@ -224,9 +228,41 @@ def run(config, workdir: str, *, runners: dict[str, Callable] | None = None) -> 
       earlier = None if name in records else _read_record(_record_path(wd, name))
       if earlier and earlier.get("status") == "finished" and not _changed_outputs(earlier, os.path.join(wd, name)):
         shown[name] = dict(earlier, reused=True, earlier=True)
-    report.write_report(config, wd, shown, wall_seconds=time.time() - t0, concurrent=workers)
+    # What the report needs beyond the stages' own folders, so that `render` can write it again.
+    # What the report needs beyond the stages' folders, kept so that `render` writes the same report again.
+    inputs_path = os.path.join(wd, REPORT_INPUTS)
+    io_utils.write_json(inputs_path, {"records": shown, "wall_seconds": time.time() - t0, "concurrent": workers})
+    _write_report(config, wd, workdir_lib.read_json(inputs_path, wd))
   failed = [n for n, r in records.items() if r["status"] != "finished"]
   if failed:
     raise StageFailed(f"stage(s) {', '.join(failed)} failed: " + "; ".join(records[n]["error"] for n in failed)
                       + f" (details in {os.path.join(wd, 'report.md')})")
   return records
+
+
+def render(workdir: str) -> str:
+  """report.md of a finished main-job workdir written again from files alone: each finished stage's own report
+  first (its study's `render`), then the combined one. Nothing is trained or computed. Returns its path."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  needed = [os.path.join(workdir, f) for f in ("config.json", REPORT_INPUTS)]
+  missing = [p for p in needed if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"{workdir} is not a finished main-job workdir: missing {missing}")
+  config = ml_collections.ConfigDict(workdir_lib.read_json(needed[0], workdir)["config"])
+  inputs = workdir_lib.read_json(needed[1], workdir)
+  for name, record in inputs["records"].items():
+    if record["status"] == "finished":
+      report_path = stage_runner(name, "render")(os.path.join(workdir, name))
+      # The stage's record keeps the digest of every output; its report was written again on purpose, so that a
+      # later run reuses the stage instead of running it again for a changed report.md.
+      stage = _read_record(_record_path(workdir, name))
+      if stage and "report.md" in (stage.get("outputs") or {}):
+        stage["outputs"]["report.md"] = io_utils.file_sha256(report_path)
+        io_utils.write_json(_record_path(workdir, name), stage)
+  return _write_report(config, workdir, inputs)
+
+
+def _write_report(config, workdir: str, inputs: dict) -> str:
+  from mri_poison.studies.reproduce import report  # pylint: disable=import-outside-toplevel
+  return report.write_report(config, workdir, inputs["records"], wall_seconds=inputs["wall_seconds"],
+                             concurrent=inputs["concurrent"])
