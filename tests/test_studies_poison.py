@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.poison import get_config
+from mri_poison import io_utils
 from mri_poison.data.datasets import load_splits
 from mri_poison.studies import poison
 from mri_poison.studies.poison import evaluation, training
@@ -87,6 +88,21 @@ def test_study_end_to_end_writes_metrics_per_ratio_and_reuses_on_rerun(tmp_path,
   assert headline["et_learnt"] == (k0 >= config.gate.floor and k0 > gate[0]["baseline"])
   report = open(workdir / "report.md").read()
   assert "0.8937" in report and "Findings and caveats" in report and "paper" in report
+  # The ET contrast (ET minus the rest of the brain, z) of the real T1-Ce, computed again from the cases: ET is
+  # bright on T1-Ce; cases without ET have none (NaN).
+  real = {c.case_id: c for c in splits["val"]}
+  quality = io_utils.read_csv(workdir / "results" / "gan_quality.csv")
+  target = list(config.data.modalities).index(config.gan.target)
+  for row in quality:
+    c = real[row["case"]]
+    et, rest = c.label == 3, (c.image != 0).any(-1) & (c.label == 0)
+    if et.any():
+      np.testing.assert_allclose(row["et_contrast_real"], c.image[..., target][et].mean()
+                                 - c.image[..., target][rest].mean(), rtol=1e-6)
+      assert row["et_contrast_real"] > 0
+    else:
+      assert np.isnan(row["et_contrast_real"]) and np.isnan(row["et_contrast_synthetic"])
+  assert "ET contrast, real t1ce (z)" in report and "enhancing tumour minus the rest of the brain is" in report
   if not headline["et_learnt"]:
     assert "ET not learnt" in report and "No effect is claimed" in report and "monotone" not in report
   for fig in ("dice_vs_share.png", "gan_grid.png"):

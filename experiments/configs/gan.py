@@ -6,7 +6,7 @@ Run (from the repository root; re-running the same command on the same workdir r
   python -m experiments.train_gan --config experiments/configs/gan.py:brats --workdir runs/gan_brats \
       --config.data.root=/data/BraTS2021 --config.gan.source=t1
 Any field can be overridden, e.g. --config.gan.train.steps=2000 --config.gan.loss.path=0.1.
-Outputs: workdir/report.md (PSNR, SSIM, MAE against the real T1-Ce on held-out cases), results/gan_quality.csv,
+Outputs: workdir/report.md (PSNR, SSIM, MAE against the real T1-Ce on held-out cases, ET contrast of both), results/gan_quality.csv,
 figures/gan_grid.png (source / synthetic / real), models/gan (checkpoints, metrics.jsonl).
 
 Variants:

@@ -7,6 +7,7 @@ from mri_poison.data.datasets import describe_source, phantom_options
 from mri_poison.report import figures
 from mri_poison.report import markdown
 from mri_poison.report import tables
+from mri_poison.studies.poison import translator
 
 
 def dice_figure(sweep_rows, config, path: str) -> str:
@@ -108,9 +109,9 @@ def write_report(config, workdir, headline, sweep_rows, tests, detection, figs, 
                   "slices of the training cases; 95 % CI by resampling cases.")
 
   r.heading("Translation quality")
-  q = headline["gan_quality"]
-  r.table([{"metric": m, "mean": q[m]["mean"], "sd": q[m]["sd"]} for m in ("psnr", "ssim", "mae")],
-          caption=f"Synthetic vs real {g.target} on the held-out cases (z-score units, whole volume).")
+  r.table(translator.quality_table(headline["gan_quality"], str(g.target)),
+          caption=f"Synthetic vs real {g.target} on the held-out cases (z-score units, whole volume; ET contrast: "
+                  "mean ET minus mean non-tumour brain, on the cases with ET, where the segmenters learn ET from).")
   r.image(figs["gan"], "source / synthetic / real", base_dir=workdir)
 
   r.heading("Protocol")
@@ -179,6 +180,13 @@ def _findings(headline, tests, detection, config, n_val) -> list[str]:
            f"With {len(ks)} shares monotonicity is not assessed. ")
         + f"Seed-to-seed SD of the mean Dice at k = {top}: "
         f"{h['dice_seed_sd'][str(top)]:.4f}, to compare with the effect size.")
+  q = headline["gan_quality"]
+  if "et_contrast_real" in q and "et_contrast_synthetic" in q:
+    syn, real = q["et_contrast_synthetic"]["mean"], q["et_contrast_real"]["mean"]
+    share = f" ({syn / real:.0%} of the real contrast)" if real > 0 else ""
+    out.append(f"Translation: the synthetic {config.gan.target} has SSIM {q['ssim']['mean']:.3f} to the real one; "
+               f"its enhancing tumour minus the rest of the brain is {syn:+.2f} z, against {real:+.2f} z in the "
+               f"real images{share}, on the {q['et_contrast_real']['n']} held-out cases with ET.")
   cnn, freq = detection["cnn"], detection["frequency"]
   best = max(cnn["auc"], freq["auc"])
   if best >= 0.9:

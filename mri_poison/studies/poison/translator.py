@@ -20,6 +20,9 @@ from mri_poison.report import markdown
 from mri_poison.studies import common
 
 QUALITY = ("psnr", "ssim", "mae")
+# Enhancing tumour minus the rest of the brain (mean z), in the synthetic and the real target: does the GAN make
+# the bright ET rim that the segmenters learn from? NaN for a case without ET.
+ET_CONTRAST = ("et_contrast_synthetic", "et_contrast_real")
 
 
 def train(config, workdir: str, train_cases) -> dict:
@@ -27,14 +30,44 @@ def train(config, workdir: str, train_cases) -> dict:
   return translation.train_gan(config.gan, config.data, os.path.join(workdir, "models", "gan"), train_cases)
 
 
+def et_contrast(volume, label, brain) -> float:
+  """Mean of `volume` on enhancing tumour (label 3) minus its mean on non-tumour brain; NaN without ET."""
+  et, rest = label == 3, brain & (label == 0)
+  return float(volume[et].mean() - volume[rest].mean()) if et.any() and rest.any() else float("nan")
+
+
 def quality_rows(synthetic, cases, target: int) -> list[dict]:
-  """Per case: PSNR, SSIM (joint data range of the two volumes) and MAE of the synthetic vs the real target."""
+  """Per case: PSNR, SSIM (joint data range of the two volumes) and MAE of the synthetic vs the real target, and
+  the ET contrast of each (`et_contrast`; NaN for a case without ET or without labels)."""
   rows = []
   for s, c in zip(synthetic, cases):
     real = c.image[..., target]
-    rows.append({"case": c.case_id, "psnr": metrics.psnr(s, real), "ssim": metrics.ssim(s, real),
-                 "mae": float(np.mean(np.abs(s - real)))})
+    row = {"case": c.case_id, "psnr": metrics.psnr(s, real), "ssim": metrics.ssim(s, real),
+           "mae": float(np.mean(np.abs(s - real)))}
+    if c.label is not None:
+      brain = (c.image != 0).any(-1)
+      row.update(et_contrast_synthetic=et_contrast(s, c.label, brain), et_contrast_real=et_contrast(real, c.label, brain))
+    rows.append(row)
   return rows
+
+
+def quality_summary(rows) -> dict:
+  """{metric: {"mean", "sd", "n"}} over the cases where the metric is defined (ET contrast: cases with ET)."""
+  out = {}
+  for m in QUALITY + ET_CONTRAST:
+    v = np.array([r.get(m, np.nan) for r in rows], float)
+    v = v[np.isfinite(v)]
+    if v.size:
+      out[m] = {"mean": float(v.mean()), "sd": float(v.std()), "n": int(v.size)}
+  return out
+
+
+def quality_table(summary, target: str) -> list[dict]:
+  """Rows of the translation-quality table: PSNR / SSIM / MAE, then the ET contrast of synthetic and real."""
+  names = {"et_contrast_synthetic": f"ET contrast, synthetic {target} (z)",
+           "et_contrast_real": f"ET contrast, real {target} (z)"}
+  return [{"metric": names.get(m, m), "mean": summary[m]["mean"], "sd": summary[m]["sd"],
+           "cases": summary[m].get("n", "")} for m in QUALITY + ET_CONTRAST if m in summary]
 
 
 def _figure_slice(case) -> int:
@@ -85,8 +118,7 @@ def quality_stage(config, workdir, gen_params, gan_digest, val_cases) -> dict:
       lambda: os.path.relpath(grid_figure(val_cases, synthetic, source, target, names,
                                           os.path.join(workdir, "figures", "gan_grid.png"), n_fig), workdir),
       valid=lambda p: os.path.exists(os.path.join(workdir, p)))
-  summary = {m: {"mean": float(np.mean([r[m] for r in rows])), "sd": float(np.std([r[m] for r in rows]))}
-             for m in QUALITY}
+  summary = quality_summary(rows)
   return {"synthetic": synthetic, "rows": rows, "figure": os.path.join(workdir, fig), "summary": summary}
 
 
@@ -109,8 +141,9 @@ def run_gan(config, workdir: str, *, splits: dict | None = None) -> dict:
         f"for {int(config.gan.train.steps)} steps on {len(splits['train'])} `{config.data.source}` cases; "
         f"quality on {len(val)} held-out cases in z-score units (whole volume, background included). "
         f"Wall time {time.perf_counter() - t0:.0f} s.")
-    r.table([{"metric": m, **quality["summary"][m]} for m in QUALITY], ["metric", "mean", "sd"],
-            caption="Synthetic vs real target contrast, mean and SD over held-out cases.")
+    r.table(quality_table(quality["summary"], str(config.gan.target)),
+            caption="Synthetic vs real target contrast, mean and SD over held-out cases (ET contrast: mean ET "
+                    "minus mean non-tumour brain, over the cases with ET).")
     r.image(quality["figure"], "source / synthetic / real", base_dir=workdir)
     r.paragraph("Per case: `results/gan_quality.csv`; training curves: `models/gan/metrics.jsonl`.")
     r.write(os.path.join(workdir, "report.md"))
