@@ -27,8 +27,6 @@ STAGES = ("robustify", "poison", "deform", "unlearnable")
 # Everything may change between runs of one main-job workdir: each study checks its own sub-config against its
 # own config.json, and a stage whose sub-config changed is run again.
 RESUMABLE_KEYS = ("variant", "seed", "force", "stages", "concurrent_stages", "report.") + tuple(f"{s}." for s in STAGES)
-
-
 REPORT_INPUTS = os.path.join("stages", "report_inputs.json")  # the stage records the report shows, the run's time
 
 
@@ -228,7 +226,6 @@ def run(config, workdir: str, *, runners: dict[str, Callable] | None = None) -> 
       earlier = None if name in records else _read_record(_record_path(wd, name))
       if earlier and earlier.get("status") == "finished" and not _changed_outputs(earlier, os.path.join(wd, name)):
         shown[name] = dict(earlier, reused=True, earlier=True)
-    # What the report needs beyond the stages' own folders, so that `render` can write it again.
     # What the report needs beyond the stages' folders, kept so that `render` writes the same report again.
     inputs_path = os.path.join(wd, REPORT_INPUTS)
     io_utils.write_json(inputs_path, {"records": shown, "wall_seconds": time.time() - t0, "concurrent": workers})
