@@ -58,3 +58,20 @@ def test_report_renders_again_from_the_result_files_alone(main_job_at_test_size,
   os.remove(os.path.join(workdir, "results", "comparisons.csv"))
   with pytest.raises(FileNotFoundError, match="comparisons.csv"):
     study.render(workdir)
+
+
+def test_the_generators_claims_are_rows_with_their_statistic_and_verdict():
+  import ml_collections
+  from mri_poison.studies.deform import evaluation
+  config = ml_collections.ConfigDict({"arms": ("arm2d",)})
+  gen = lambda drops: [{"victim": "arm2d/undefended", "threat": "generator", "budget": b, "drop": d}
+                       for b, d in zip((0.1, 0.2), drops)]
+  versus_random = [{"arm": "arm2d", "primary": True, "comparison": "random - generator (Dice)", "p_holm": 0.01,
+                    "ci_low": 0.02}]
+  flat = {r["claim"]: r for r in evaluation.claim_rows(config, gen((0.030, 0.040)), versus_random)}
+  assert flat["generator follows Delta"]["value"] == pytest.approx(0.010)
+  assert flat["generator follows Delta"]["threshold"] == pytest.approx(0.05)
+  assert not flat["generator follows Delta"]["verdict"] and flat["generator beats random fields"]["verdict"]
+  rising = {r["claim"]: r for r in evaluation.claim_rows(config, gen((0.05, 0.15)), [])}
+  assert rising["generator follows Delta"]["verdict"] and not rising["generator beats random fields"]["verdict"]
+  assert evaluation.claim_rows(config, gen((0.05,)), versus_random) == []  # one Delta: nothing to claim

@@ -456,7 +456,9 @@ def test_adaptive_rows_pick_the_worst_attack_per_case():
 
 def test_a_defence_is_called_more_robust_only_when_test_and_ci_agree():
   from mri_poison.studies.robustify.report import defence_verdict
-  row = lambda p, lo, hi: dict(p_holm=p, ci_low=lo, ci_high=hi, mean_diff=(lo + hi) / 2)
+  def row(p, lo, hi):
+    r = dict(p_holm=p, ci_low=lo, ci_high=hi, mean_diff=(lo + hi) / 2)
+    return dict(r, claimed=evaluation.is_claimed(r))
   assert defence_verdict(row(0.01, 0.05, 0.30)) == "significantly MORE robust than"
   assert defence_verdict(row(0.01, -0.30, -0.05)) == "significantly LESS robust than"
   # A signed-rank rejection whose mean-difference CI covers 0 (seen at n = 20: +0.026 [-0.010, +0.060], p 0.04).

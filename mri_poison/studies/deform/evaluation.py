@@ -226,3 +226,24 @@ def with_holm(rows: list[dict]) -> list[dict]:
   for i, p in zip(prim, adj):
     out[i]["p_holm"] = float(p)
   return out
+
+
+def claim_rows(config, summary: list[dict], comparisons: list[dict]) -> list[dict]:
+  """The generator's two claims per arm as rows (claim, statistic, value, threshold, verdict), for the report to
+  word: does its achieved drop follow Delta (the drop at the largest Delta exceeds the drop at the smallest by at
+  least half their gap), and does it lower Dice more than random fields (the primary comparison, Holm p < 0.05
+  with the bootstrap CI above 0). Only for an arm whose generator was evaluated at two or more Deltas."""
+  rows = []
+  for arm in config.arms:
+    gen = [r for r in summary if r["victim"] == f"{arm}/undefended" and r["threat"] == "generator"]
+    if len(gen) < 2:
+      continue
+    rise, gap = gen[-1]["drop"] - gen[0]["drop"], float(gen[-1]["budget"]) - float(gen[0]["budget"])
+    rows.append({"arm": arm, "claim": "generator follows Delta", "statistic": "drop(largest Delta) - drop(smallest)",
+                 "value": rise, "threshold": 0.5 * gap, "verdict": bool(rise > 0.5 * gap)})
+    c = next((c for c in comparisons if c["primary"] and c.get("arm") == arm
+              and c["comparison"].startswith("random - generator")), None)
+    rows.append({"arm": arm, "claim": "generator beats random fields", "statistic": "Holm p; 95 % CI low > 0",
+                 "value": c["p_holm"] if c else float("nan"), "threshold": 0.05,
+                 "verdict": bool(c is not None and c["p_holm"] < 0.05 and c["ci_low"] > 0)})
+  return rows

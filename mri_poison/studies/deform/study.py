@@ -104,6 +104,8 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     io_utils.write_csv(os.path.join(results, "per_case.csv"), per_case)
     comparisons = _comparisons(config, table, cells_by_victim, case_ids)
     io_utils.write_csv(os.path.join(results, RESULT_TABLES["comparisons"]), comparisons)
+    io_utils.write_csv(os.path.join(results, RESULT_TABLES["claims"]), ev.claim_rows(config, summary, comparisons),
+                       fieldnames=["arm", "claim", "statistic", "value", "threshold", "verdict"])
     for arm in config.arms:  # results/stages/example_<arm>.json
       _examples(config, workdir, arm, arm_data[arm], *models[arm])
     report_lib.summary_figures(config, workdir, summary, per_case)
@@ -117,7 +119,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     return headline
 
 
-RESULT_TABLES = {"summary": "summary.csv", "comparisons": "comparisons.csv"}
+RESULT_TABLES = {"summary": "summary.csv", "comparisons": "comparisons.csv", "claims": "claims.csv"}
 
 
 def render(workdir: str) -> str:
@@ -138,7 +140,8 @@ def render(workdir: str) -> str:
   headline = workdir_lib.read_json(os.path.join(results, "headline.json"), workdir)
   examples = {arm: workdir_lib.read_json(p, workdir)["result"] for arm, p in stages.items()}
   figs = {arm: os.path.join(workdir, "figures", report_lib.summary_figure_name(arm)) for arm in config.arms}
-  report_lib.write_report(config, workdir, res["summary"], res["comparisons"], headline, examples, figs)
+  report_lib.write_report(config, workdir, res["summary"], res["comparisons"], res["claims"], headline, examples,
+                          figs)
   return os.path.join(workdir, "report.md")
 
 

@@ -614,10 +614,17 @@ def halving_rows(per_case: Sequence[dict], models: Sequence[str], eps: Sequence[
 # ------------------------------------------------------------------------------------------------ statistics
 
 
+def is_claimed(row: dict) -> bool:
+  """A primary comparison supports a claim when its Holm p < 0.05 AND the bootstrap CI of the mean difference
+  excludes 0: on skewed per-case differences the two can disagree, and then no effect is claimed."""
+  return bool(row["p_holm"] < 0.05 and (row["ci_low"] > 0 or row["ci_high"] < 0))
+
+
 def comparison_rows(per_case: list[dict], models: Sequence[str], eps, reference_eps: float) -> list[dict]:
   """Paired (by case) comparisons of Dice: a few PRIMARY ones, Holm-corrected as one family, the rest
   exploratory (uncorrected, p_holm = nan).
 
+  "claimed" (`is_claimed`, primary rows only): the report claims an effect only from such rows.
   Primary (pre-declared, mean Dice, eps = reference_eps): each defence vs the undefended model under the
   adaptive attack; each single attack vs clean on the undefended model. Exploratory: every other
   (comparison, attack, eps, region): "clean vs attack" per model, "<defence> vs undefended" and "distilled vs
@@ -642,6 +649,8 @@ def comparison_rows(per_case: list[dict], models: Sequence[str], eps, reference_
         comparison="clean vs attack", model_a=SOURCE, model_b=SOURCE, attack=a, eps=ref, region="mean",
         family="primary"))
   tables.add_holm(primary)
+  for r in primary:
+    r["claimed"] = is_claimed(r)
   done = {(r["comparison"], r["model_a"], r["attack"], r["eps"], r["region"]) for r in primary}
 
   out = list(primary)
@@ -651,7 +660,7 @@ def comparison_rows(per_case: list[dict], models: Sequence[str], eps, reference_
       return
     row = tables.paired_test(per_case, sel_a, sel_b, col, comparison=comparison, model_a=a, model_b=b,
                              attack=attack, eps=float(e), region=col[5:], family="exploratory")
-    row["p_holm"] = float("nan")
+    row.update(p_holm=float("nan"), claimed=False)  # exploratory: reported, never claimed
     out.append(row)
 
   for model in models:

@@ -294,15 +294,9 @@ def gate_finding(gate) -> str:
           + (f" Every mean Dice, drop and test below averages {', '.join(kept)} only." if kept else ""))
 
 
-def _significant(c) -> bool:
-  # A claim needs both the signed-rank test (Holm) and the bootstrap CI of the mean difference to exclude 0: on
-  # skewed per-case differences the two can disagree, and then no effect is claimed.
-  return c["p_holm"] < 0.05 and (c["ci_low"] > 0 or c["ci_high"] < 0)
-
-
 def defence_verdict(c) -> str:
   """How a defence compares with the undefended model, from its primary comparison row."""
-  if _significant(c):
+  if c["claimed"]:
     return f"significantly {'MORE' if c['mean_diff'] > 0 else 'LESS'} robust than"
   if c["p_holm"] < 0.05:
     return ("not clearly different from (the signed-rank test rejects, but the bootstrap CI of the mean "
@@ -325,7 +319,7 @@ def findings(config, res: dict, headline: dict) -> list[str]:
 
   attacks = [c for c in primary if c["comparison"] == "clean vs attack"]
   if attacks:
-    hurt = [c["attack"] for c in attacks if _significant(c) and c["mean_diff"] > 0]
+    hurt = [c["attack"] for c in attacks if c["claimed"] and c["mean_diff"] > 0]
     out.append(f"Attacks on the undefended model at eps = {ref:g} (clean minus attacked mean Dice): "
                + "; ".join(f"{c['attack']} {desc(c)}" for c in attacks) + ". "
                + (f"Significant after Holm correction, with a CI above 0: {', '.join(hurt)}." if hurt
