@@ -102,6 +102,8 @@ def test_study_end_to_end_writes_metrics_per_ratio_and_reuses_on_rerun(tmp_path,
       assert row["et_contrast_real"] > 0
     else:
       assert np.isnan(row["et_contrast_real"]) and np.isnan(row["et_contrast_synthetic"])
+  for t in io_utils.read_csv(workdir / "results" / "comparisons.csv"):  # a claim needs the test and the CI
+    assert t["claimed"] == (t["p_holm"] < 0.05 and (t["ci_low"] > 0 or t["ci_high"] < 0))
   assert "ET contrast, real t1ce (z)" in report and "enhancing tumour minus the rest of the brain is" in report
   if not headline["et_learnt"]:
     assert "ET not learnt" in report and "No effect is claimed" in report and "monotone" not in report

@@ -169,7 +169,9 @@ def _findings(headline, tests, detection, config, n_val) -> list[str]:
     if t is None:
       continue
     d0, dt = h["dice"]["0"], h["dice"][str(top)]
-    verdict = ("significant after Holm correction" if t["p_holm"] < 0.05 else "not significant after Holm correction")
+    verdict = ("significant after Holm correction, with a CI that excludes 0" if t["claimed"] else
+               "the signed-rank test rejects after Holm correction but the CI includes 0: no effect is claimed"
+               if t["p_holm"] < 0.05 else "not significant after Holm correction")
     out.append(
         f"`{mode}`: Dice {d0:.4f} at 0/{n_parts} vs {dt:.4f} at {top}/{n_parts} synthetic (difference "
         f"{t['mean_diff']:+.4f}, 95 % CI [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}], Wilcoxon p = "
