@@ -19,6 +19,7 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
+import ml_collections
 
 from mri_poison import cellstore
 from mri_poison import io_utils
@@ -91,6 +92,23 @@ def check_study(config, check_config, data_configs) -> None:
   check_config(config)
   for data_config in data_configs:
     check_source(data_config)
+
+
+def finished_workdir(workdir: str, study: str, needed: Sequence[str] = (),
+                     more: Callable[[Any], Sequence[str]] | None = None) -> tuple[str, ml_collections.ConfigDict]:
+  """(absolute path, config) of a finished run's workdir, for `render`: config.json, results/headline.json,
+  `needed` and `more(config)` (paths relative to the workdir) must all exist, else one FileNotFoundError names
+  every missing file."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  config_path = os.path.join(workdir, "config.json")
+  config = (ml_collections.ConfigDict(workdir_lib.read_json(config_path, workdir)["config"])
+            if os.path.isfile(config_path) else None)
+  files = ["config.json", os.path.join("results", "headline.json"), *needed]
+  files += list(more(config)) if more and config is not None else []
+  missing = [os.path.join(workdir, f) for f in dict.fromkeys(files) if not os.path.isfile(os.path.join(workdir, f))]
+  if missing:
+    raise FileNotFoundError(f"{workdir} is not a finished {study} workdir: missing {missing}")
+  return workdir, config
 
 
 def record_data(workdir: str, data_config, splits: dict, name: str = "data") -> None:

@@ -6,7 +6,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -126,16 +125,12 @@ def render(workdir: str) -> str:
   """report.md of a finished workdir written again from its result files alone (results/summary.csv,
   comparisons.csv, headline.json, the example stages, config.json): nothing is trained, attacked or scored, and
   the figures already in figures/ are linked, not drawn. Returns the report's path."""
-  workdir = os.path.abspath(os.fspath(workdir))
+  example = lambda arm: os.path.join("results", "stages", f"example_{arm}.json")
+  workdir, config = common.finished_workdir(workdir, "study 3",
+                                            [os.path.join("results", f) for f in RESULT_TABLES.values()],
+                                            more=lambda config: [example(arm) for arm in config.arms])
   results = os.path.join(workdir, "results")
-  config_path = os.path.join(workdir, "config.json")
-  needed = [config_path] + [os.path.join(results, f) for f in list(RESULT_TABLES.values()) + ["headline.json"]]
-  missing = [p for p in needed if not os.path.isfile(p)]
-  config = None if missing else ml_collections.ConfigDict(workdir_lib.read_json(config_path, workdir)["config"])
-  stages = {arm: os.path.join(results, "stages", f"example_{arm}.json") for arm in (config.arms if config else ())}
-  missing += [p for p in stages.values() if not os.path.isfile(p)]
-  if missing:
-    raise FileNotFoundError(f"{workdir} is not a finished study 3 workdir: missing {missing}")
+  stages = {arm: os.path.join(workdir, example(arm)) for arm in config.arms}
   res = {k: io_utils.read_csv(os.path.join(results, f)) for k, f in RESULT_TABLES.items()}
   headline = workdir_lib.read_json(os.path.join(results, "headline.json"), workdir)
   examples = {arm: workdir_lib.read_json(p, workdir)["result"] for arm, p in stages.items()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import time
 
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -170,13 +169,9 @@ def render(workdir: str) -> str:
   """report.md of a finished workdir written from its result files alone (config.json, results/poison_sweep.csv,
   comparisons.csv, detectability.json, headline.json and the GAN grid's stage): nothing is loaded, trained or
   scored. `run` writes its report through here. Returns the report's path."""
-  workdir = os.path.abspath(os.fspath(workdir))
-  results = os.path.join(workdir, "results")
-  paths = {k: os.path.join(results, f) for k, f in RESULT_FILES.items()}
-  missing = [p for p in [os.path.join(workdir, "config.json")] + list(paths.values()) if not os.path.isfile(p)]
-  if missing:
-    raise FileNotFoundError(f"{workdir} is not a finished study 1 workdir: missing {missing}")
-  config = ml_collections.ConfigDict(workdir_lib.read_json(os.path.join(workdir, "config.json"), workdir)["config"])
+  workdir, config = common.finished_workdir(workdir, "study 1",
+                                            [os.path.join("results", f) for f in RESULT_FILES.values()])
+  paths = {k: os.path.join(workdir, "results", f) for k, f in RESULT_FILES.items()}
   sweep_rows, tests = io_utils.read_csv(paths["sweep"]), io_utils.read_csv(paths["tests"])
   detection, headline = (workdir_lib.read_json(paths[k], workdir) for k in ("detection", "headline"))
   figs = {"dice": os.path.join(workdir, "figures", FIGURES["dice"]),

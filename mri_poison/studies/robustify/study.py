@@ -8,7 +8,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -136,14 +135,9 @@ FIGURES = {"adaptive": "adaptive_dice_vs_eps.png", "dice": "dice_vs_eps.png", "c
 def render(workdir: str) -> str:
   """report.md of a finished workdir written again from its result files alone (results/*.csv, headline.json,
   the example stage, config.json): nothing is trained, attacked or scored. Returns the report's path."""
-  workdir = os.path.abspath(os.fspath(workdir))
+  workdir, config = common.finished_workdir(workdir, "study 2", [os.path.join("results", f) for f in list(
+      RESULT_TABLES.values()) + [os.path.join("stages", "example.json")]])
   results = os.path.join(workdir, "results")
-  needed = [os.path.join(results, f) for f in list(RESULT_TABLES.values()) + ["headline.json"]] + [
-      os.path.join(workdir, "config.json"), os.path.join(results, "stages", "example.json")]
-  missing = [p for p in needed if not os.path.isfile(p)]
-  if missing:
-    raise FileNotFoundError(f"{workdir} is not a finished study 2 workdir: missing {missing}")
-  config = ml_collections.ConfigDict(workdir_lib.read_json(os.path.join(workdir, "config.json"), workdir)["config"])
   temps = temperatures(config)
   res = {k: io_utils.read_csv(os.path.join(results, f)) for k, f in RESULT_TABLES.items()}
   res.update(temperatures=temps, attacks_of=_attacks_of(config, temps))

@@ -188,21 +188,15 @@ def render(workdir: str, *, phase_map: bool = True) -> str:
   """report.md of a finished workdir written again from its result files alone (config.json, results/*.csv and
   headline.json; with config.phase_map.enabled, phase_map/results/phase_map.json, unless phase_map=False):
   nothing is protected, trained or scored, and the figures are not redrawn. Returns the report's path."""
-  workdir = os.path.abspath(os.fspath(workdir))
+  phase_map_file = os.path.join("phase_map", "results", "phase_map.json")
+  with_map = lambda config: phase_map and config.phase_map.get("enabled", False)
+  workdir, config = common.finished_workdir(
+      workdir, "study 4", [os.path.join("results", f) for f in analysis.RESULT_TABLES.values()],
+      more=lambda config: [phase_map_file] if with_map(config) else [])
   path = lambda *p: os.path.join(workdir, *p)
-  needed = [path("config.json"), path("results", "headline.json")] + [
-      path("results", f) for f in analysis.RESULT_TABLES.values()]
-  config = ml_collections.ConfigDict(workdir_lib.read_json(needed[0], workdir)["config"]) if os.path.isfile(
-      needed[0]) else None
-  pm = None
-  if phase_map and config is not None and config.phase_map.get("enabled", False):
-    needed.append(pm := path("phase_map", "results", "phase_map.json"))
-  missing = [p for p in needed if not os.path.isfile(p)]
-  if missing:
-    raise FileNotFoundError(f"{workdir} is not a finished study 4 workdir: missing {missing}")
   res = {k: io_utils.read_csv(path("results", f)) for k, f in analysis.RESULT_TABLES.items()}
-  return report.write_report(config, workdir, res, workdir_lib.read_json(needed[1], workdir),
-                             pm and workdir_lib.read_json(pm, workdir))
+  return report.write_report(config, workdir, res, workdir_lib.read_json(path("results", "headline.json"), workdir),
+                             workdir_lib.read_json(path(phase_map_file), workdir) if with_map(config) else None)
 
 
 def _run(config, workdir, train_cases, test_cases, t_start):
