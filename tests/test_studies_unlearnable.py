@@ -170,8 +170,9 @@ def test_phase_map_on_a_2x2_grid(tmp_path):
 
 
 def test_umed_findings_say_no_result_when_umed_did_not_converge():
-  """The findings judge UMed only when its surrogate fitted (hallmark <= protect.hallmark_max)."""
-  from mri_poison.studies.unlearnable import report
+  """The findings judge UMed only when its surrogate fitted (hallmark <= protect.hallmark_max): the verdict rows
+  (analysis.claim_rows) say so, and the report words them."""
+  from mri_poison.studies.unlearnable import analysis, report
   config = config_lib.get_config("runlocal")
   vrows = [{"victim": "none/standard", "dice_mean_mean": 0.50}, {"victim": "umed/standard", "dice_mean_mean": 0.47}]
   qrows = [{"method": "umed", "psnr_mean": 49.1, "psnr_sd": 2.4, "contrast_alignment": 0.1}]
@@ -184,10 +185,17 @@ def test_umed_findings_say_no_result_when_umed_did_not_converge():
   def lines(hallmark):
     info = {"umed": {"surrogate_ce_protected": hallmark, "surrogate_ce_clean": 1.0, "hallmark": hallmark}}
     headline = {"n_test": 20, "learnt_regions": ["WT", "TC", "ET"], "gate": gate, "protection_info": info}
-    return report.findings(config, dict(victims=vrows, quality=qrows, comparisons=comp, shortcut=[], sweep=[]),
-                           headline)
+    res = dict(victims=vrows, quality=qrows, comparisons=comp, shortcut=[], sweep=[])
+    res["claims"] = analysis.claim_rows(config, res, headline)
+    return res["claims"], report.findings(config, res, headline)
 
-  unfit, fit = lines(1.0), lines(0.1)
+  (unfit_claims, unfit), (fit_claims, fit) = lines(1.0), lines(0.1)
+  verdict = lambda claims, claim: next(r["verdict"] for r in claims if r["subject"] == "umed" and r["claim"] == claim)
+  assert verdict(unfit_claims, "the protection converged") == "no"
+  assert verdict(fit_claims, "the protection converged") == "yes"
+  target = "UMed makes the data unlearnable (the paper's claim)"
+  assert verdict(unfit_claims, target) == "no result" and verdict(fit_claims, target) == "not met"
+  assert verdict(fit_claims, "protected-data victim differs from the clean-trained one") == "no clear difference"
   assert "NO RESULT" in unfit[0] and "hallmark 1.00" in unfit[0]
   assert "NOT MET" in fit[0] and "NO RESULT" not in fit[0]
   # The seed-averaged comparison is flagged the same way.

@@ -18,7 +18,11 @@ from mri_poison.studies.unlearnable.victims import DICE
 QUALITY = ("psnr", "ssim", "share_roi", "share_band", "linf_scaled")
 # The tables report.md is written from, results/<file> by their key.
 RESULT_TABLES = {"victims": "victims.csv", "quality": "quality.csv", "comparisons": "comparisons.csv",
-                 "shortcut": "shortcut.csv", "sweep": "sweep.csv"}
+                 "shortcut": "shortcut.csv", "sweep": "sweep.csv", "claims": "claims.csv"}
+CLAIM_FIELDS = ("subject", "claim", "statistic", "value", "threshold", "verdict")
+# Thresholds of the verdicts in claims.csv [ours]. A counter-measure that lowers the clean-trained victim by more
+# than COUNTER_COST_MAX (mean Dice) is no fair test of a protection: protected victims fall with it.
+SHORTCUT_GAP, ALIGNMENT_MIN, SWEEP_DROP, COUNTER_COST_MAX, UMED_DROP, UMED_PSNR = 0.05, 0.25, 0.1, 0.1, 0.05, 40.0
 FIGURES = {"dice": "dice_vs_method.png", "example": "example.png", "partial": "partial.png", "sweep": "sweep.png"}
 
 
@@ -265,6 +269,83 @@ def hallmark(info: dict) -> float | None:
 
 
 
+def _difference(r) -> str:
+  """A primary comparison's verdict: Holm p < 0.05 and the CI on one side of 0."""
+  if r["ci_low"] > 0 and r.get("p_holm", r["p_value"]) < 0.05:
+    return "lower"
+  if r["ci_high"] < 0 and r.get("p_holm", r["p_value"]) < 0.05:
+    return "higher"
+  return "no clear difference"
+
+
+def seed_runs(vrows) -> dict[str, list[float]]:
+  """{method: mean Dice of its standard victim and of each training-seed replicate}, "none" first."""
+  by = {r["victim"]: r for r in vrows}
+  return {m: [by[n]["dice_mean_mean"] for n in by if n == f"{m}/standard" or n.startswith(f"{m}/standard@seed=")]
+          for m in dict.fromkeys(["none"] + [n.split("/")[0] for n in by])}
+
+
+def claim_rows(config, res, headline) -> list[dict]:
+  """Every verdict the report words, as rows (CLAIM_FIELDS): decided here from the result rows `res` (by
+  RESULT_TABLES key, without "claims") and the headline, so the report only phrases them. Verdicts are short
+  words: "lower" / "higher" / "no clear difference", "yes" / "no", "met" / "not met" / "no result"..."""
+  out = []
+  add = lambda subject, claim, statistic, value, threshold, verdict: out.append(dict(zip(
+      CLAIM_FIELDS, (subject, claim, statistic, float(value), float(threshold), verdict))))
+  hallmark_max = float(config.protect.get("hallmark_max", 0.3))
+  info = headline.get("protection_info", {})
+  by = {r["victim"]: r for r in res["victims"]}
+  comp = res["comparisons"]
+  runs = seed_runs(res["victims"]).get("none", [])
+  spread = float(np.ptp(runs)) if len(runs) > 1 else None
+  for r in (r for r in comp if r["family"] == "primary"):
+    m = r["b"].split("/")[0]
+    verdict = _difference(r)
+    add(m, "protected-data victim differs from the clean-trained one", "clean minus protected mean Dice (Holm p < "
+        "0.05 and the 95 % CI excludes 0)", r["mean_diff"], 0.05, verdict)
+    if spread is not None and verdict != "no clear difference":
+      add(m, "the difference exceeds the clean victim's seed-to-seed spread", "|difference| vs the spread",
+          abs(r["mean_diff"]), spread, "yes" if abs(r["mean_diff"]) > spread else "no")
+  for r in res["shortcut"]:
+    if r["method"] != "none":
+      add(r["method"], "the victim relies on the perturbation (a shortcut)", "Dice on protected minus clean training "
+          "cases", r["gap"], SHORTCUT_GAP, "yes" if r["gap"] > SHORTCUT_GAP else "no")
+  for r in res["quality"]:
+    ratio = hallmark(info.get(r["method"], {}))
+    if ratio is not None:
+      add(r["method"], "the protection converged", "hallmark: surrogate CE protected / clean (at most)", ratio,
+          hallmark_max, "yes" if ratio <= hallmark_max else "no")
+    a = r["contrast_alignment"]
+    if r["method"] in ("minmin", "umed") and np.isfinite(a):
+      add(r["method"], "the perturbation strengthens the real tumour contrast", "contrast alignment (budgets)", a,
+          ALIGNMENT_MIN, "yes" if a > ALIGNMENT_MIN else "no")
+  if res["sweep"]:
+    hit = [r for r in res["sweep"] if r["drop"] >= SWEEP_DROP and r["drop_ci_low"] > 0]
+    add(str(config.protect.sweep_method), "a budget in the sweep lowers Dice (CI above 0)", "smallest such eps x 255",
+        hit[0]["eps_255"] if hit else float("nan"), SWEEP_DROP, "yes" if hit else "no")
+  primary = {r["b"]: r for r in comp if r["family"] == "primary"}
+  for r in (r for r in comp if r["family"] == "counter-measure"):
+    # The protection's effect is judged within a regime (clean- minus protected-trained, both under it): a
+    # counter-measure can also lower the clean victim, and then protected victims fall with it.
+    m, regime = r["b"].split("/")
+    std = primary.get(f"{m}/standard")
+    cost = by["none/standard"]["dice_mean_mean"] - by[f"none/{regime}"]["dice_mean_mean"]
+    verdict = ("nothing to undo" if std is None or not std["ci_low"] > 0 else
+               "counter-measure too costly" if cost > COUNTER_COST_MAX else
+               "survives" if r["ci_low"] > 0 else "no effect left")
+    add(f"{m}/{regime}", "the protection survives the counter-measure", "protection effect under it (CI low > 0)",
+        r["mean_diff"], COUNTER_COST_MAX, verdict)
+  if "umed/standard" in primary:
+    r, psnr = primary["umed/standard"], next(q["psnr_mean"] for q in res["quality"] if q["method"] == "umed")
+    ratio = hallmark(info.get("umed", {}))
+    worked = r["ci_low"] > UMED_DROP and r["p_holm"] < 0.05
+    add("umed", "UMed makes the data unlearnable (the paper's claim)", f"drop CI low > {UMED_DROP:g}, Holm p < 0.05, "
+        f"PSNR >= {UMED_PSNR:g} dB", r["mean_diff"], UMED_DROP,
+        "met" if worked and psnr >= UMED_PSNR else
+        "no result" if ratio is not None and ratio > hallmark_max else "not met")
+  return out
+
+
 def figure_paths(workdir: str, res: dict) -> dict[str, str]:
   """The figures the results `res` (by RESULT_TABLES key) call for: partial protection and the sweep when run."""
   shown = ["dice", "example"]
@@ -300,8 +381,6 @@ def analyse(config, workdir, table, plan, cells: dict, train_cases, test: dict, 
                                         for m in DICE})
               for n, *_ in plan for c in test_ids]
   io_utils.write_csv(os.path.join(results, "per_case.csv"), per_case)
-  for k, f in RESULT_TABLES.items():
-    io_utils.write_csv(os.path.join(results, f), res[k])
   by = {r["victim"]: r for r in vrows}
   figs = figure_paths(workdir, res)
   dice_figure(vrows, methods, regimes, figs["dice"])
@@ -319,5 +398,8 @@ def analyse(config, workdir, table, plan, cells: dict, train_cases, test: dict, 
                   for r in comp if r["family"] == "primary"],
       "tumour_contrast_over_eps": tumour_contrast(train_cases, float(p.eps)), **facts,
   }
+  res["claims"] = claim_rows(config, res, headline)
+  for k, f in RESULT_TABLES.items():
+    io_utils.write_csv(os.path.join(results, f), res[k], **({"fieldnames": list(CLAIM_FIELDS)} if k == "claims" else {}))
   io_utils.write_json(os.path.join(results, "headline.json"), headline)
   return headline

@@ -11,26 +11,22 @@ from mri_poison.poison import protections
 from mri_poison.report import markdown
 from mri_poison.report import tables
 from mri_poison.studies import learnt as learnt_lib
-from mri_poison.studies.unlearnable.analysis import figure_paths, hallmark
+from mri_poison.studies.unlearnable.analysis import figure_paths, seed_runs
 
 PAPER = {"psnr_db": 50.03, "dsc_clean_pct": 82.18, "dsc_protected_pct": 6.80}
-# A counter-measure that lowers the clean-trained victim by more than this (mean Dice) is no fair test of a
-# protection: protected victims fall with it [ours].
-COUNTER_COST_MAX = 0.1
+DIFFERENCE = {"lower": "lower than the clean-trained victim", "higher": "higher than the clean-trained victim",
+              "no clear difference": "no clear difference from the clean-trained victim"}
 
 
-def _verdict(r) -> str:
-  if r["ci_low"] > 0 and r.get("p_holm", r["p_value"]) < 0.05:
-    return "lower than the clean-trained victim"
-  if r["ci_high"] < 0 and r.get("p_holm", r["p_value"]) < 0.05:
-    return "higher than the clean-trained victim"
-  return "no clear difference from the clean-trained victim"
+def _claims(res) -> dict:
+  """{(subject, claim): row} of results/claims.csv (analysis.claim_rows decides; this module words)."""
+  return {(r["subject"], r["claim"]): r for r in res["claims"]}
 
 
 def diagnosis(config, res, headline) -> list[str]:
   """Generated sentences on why a protection does or does not work here (shortcut, surrogate fit, sweep);
   res: the result rows by `analysis.RESULT_TABLES` key."""
-  out = []
+  out, claims = [], _claims(res)
   eps = float(config.protect.eps)
   contrast = headline.get("tumour_contrast_over_eps")
   if contrast is not None and np.isfinite(contrast):
@@ -39,56 +35,56 @@ def diagnosis(config, res, headline) -> list[str]:
                f"{eps * 255:.3g}/255). Hypothesis, not a measured cause: the larger this ratio, the weaker a "
                "budget-sized shortcut is next to the real feature; the phase map (data difficulty x budget) is where "
                "it is tested.")
-  for m, a in ((r["method"], r["contrast_alignment"]) for r in res["quality"]):
-    if m in ("minmin", "umed") and np.isfinite(a):
-      out.append(f"Direction of `{m}`: its perturbation adds {a:+.2f} budgets to the tumour-vs-brain contrast "
-                 + ("(error-minimising noise here mostly makes the tumour stand out MORE, which helps a victim learn "
-                    "the real feature rather than hiding it)." if a > 0.25 else
-                    "(it does not systematically strengthen the real contrast)."))
+  for r in res["quality"]:
+    c = claims.get((r["method"], "the perturbation strengthens the real tumour contrast"))
+    if c is not None:
+      out.append(f"Direction of `{r['method']}`: its perturbation adds {c['value']:+.2f} budgets to the tumour-vs-brain "
+                 "contrast " + ("(error-minimising noise here mostly makes the tumour stand out MORE, which helps a "
+                                "victim learn the real feature rather than hiding it)." if c["verdict"] == "yes" else
+                                "(it does not systematically strengthen the real contrast)."))
   for r in res["shortcut"]:
-    m = r["method"]
-    if m == "none":
+    c = claims.get((r["method"], "the victim relies on the perturbation (a shortcut)"))
+    if c is None:
       continue
-    learned = r["gap"] > 0.05
-    out.append(f"Shortcut check `{m}`: the victim scores {r['train_protected_dice']:.3f} Dice on the protected "
-               f"training cases it was trained on and {r['train_clean_dice']:.3f} on the same cases unprotected (gap "
-               f"{r['gap']:+.3f}): " + ("it relies on the perturbation (a shortcut was learned)." if learned else
-                                        "it does not rely on the perturbation (no shortcut learned; it learned the "
-                                        "real tumour appearance)."))
-  hallmark_max = float(config.protect.get("hallmark_max", 0.3))
+    out.append(f"Shortcut check `{r['method']}`: the victim scores {r['train_protected_dice']:.3f} Dice on the "
+               f"protected training cases it was trained on and {r['train_clean_dice']:.3f} on the same cases "
+               f"unprotected (gap {r['gap']:+.3f}): " + (
+                   "it relies on the perturbation (a shortcut was learned)." if c["verdict"] == "yes" else
+                   "it does not rely on the perturbation (no shortcut learned; it learned the real tumour appearance)."))
   info = headline.get("protection_info", {})
-  for m, inf in ((r["method"], info[r["method"]]) for r in res["quality"] if r["method"] in info):
-    ratio = hallmark(inf)
-    if ratio is not None:
-      verdict = ("converged: the noise, not the tumour, is what the surrogate fits" if ratio <= hallmark_max else
-                 f"NOT CONVERGED (ratio above {hallmark_max:g}): no error-minimising noise was produced, so this "
-                 "protection's victim numbers are not a result about the method")
-      victim = (f"; the victim trained on it has ratio {inf['victim_hallmark']:.2f}" if "victim_hallmark" in inf
-                else "")
-      out.append(f"Hallmark `{m}`: the surrogate's voxel CE is {inf['surrogate_ce_protected']:.4f} on the protected "
-                 f"and {inf['surrogate_ce_clean']:.4f} on the clean training slices, ratio {ratio:.2f}{victim}"
-                 + (f"; min-min stopped at round {inf['stopped_at']} (-1: never reached the accuracy rule)"
-                    if "stopped_at" in inf else "") + f" -- {verdict}.")
-  sweep = res["sweep"]
-  if sweep:
+  for r in res["quality"]:
+    c = claims.get((r["method"], "the protection converged"))
+    if c is None:
+      continue
+    inf = info[r["method"]]
+    verdict = ("converged: the noise, not the tumour, is what the surrogate fits" if c["verdict"] == "yes" else
+               f"NOT CONVERGED (ratio above {c['threshold']:g}): no error-minimising noise was produced, so this "
+               "protection's victim numbers are not a result about the method")
+    victim = (f"; the victim trained on it has ratio {inf['victim_hallmark']:.2f}" if "victim_hallmark" in inf
+              else "")
+    out.append(f"Hallmark `{r['method']}`: the surrogate's voxel CE is {inf['surrogate_ce_protected']:.4f} on the "
+               f"protected and {inf['surrogate_ce_clean']:.4f} on the clean training slices, ratio {c['value']:.2f}"
+               f"{victim}" + (f"; min-min stopped at round {inf['stopped_at']} (-1: never reached the accuracy rule)"
+                              if "stopped_at" in inf else "") + f" -- {verdict}.")
+  if res["sweep"]:
     method = str(config.protect.sweep_method)
-    hit = [r for r in sweep if r["drop"] >= 0.1 and r["drop_ci_low"] > 0]
-    levels = ", ".join(f"{r['eps'] * 255:.3g}/255: {r['dice']:.3f} ({r['psnr']:.1f} dB)" for r in sweep)
+    c = claims[(method, "a budget in the sweep lowers Dice (CI above 0)")]
+    psnr = {r["eps_255"]: r["psnr"] for r in res["sweep"]}.get(c["value"])
+    levels = ", ".join(f"{r['eps'] * 255:.3g}/255: {r['dice']:.3f} ({r['psnr']:.1f} dB)" for r in res["sweep"])
     out.append(f"Budget sweep of `{method}` (exploratory): clean-test Dice by budget {levels}. "
-               + (f"The smallest budget lowering Dice by >= 0.1 (CI excluding 0) is {hit[0]['eps'] * 255:.3g}/255 at "
-                  f"PSNR {hit[0]['psnr']:.1f} dB" + (" -- far below the paper's 50 dB imperceptibility."
-                                                     if hit[0]["psnr"] < 40 else ".")
-                  if hit else "No budget in the sweep lowers Dice by >= 0.1 with a CI excluding 0."))
+               + (f"The smallest budget lowering Dice by >= {c['threshold']:g} (CI excluding 0) is {c['value']:.3g}/255 "
+                  f"at PSNR {psnr:.1f} dB" + (" -- far below the paper's 50 dB imperceptibility." if psnr < 40 else ".")
+                  if c["verdict"] == "yes" else
+                  f"No budget in the sweep lowers Dice by >= {c['threshold']:g} with a CI excluding 0."))
   return out
 
 
 def findings(config, res, headline) -> list[str]:
   """The report's findings and caveats; res: the result rows by `analysis.RESULT_TABLES` key."""
-  n, comp = headline["n_test"], res["comparisons"]
+  n, comp, claims = headline["n_test"], res["comparisons"], _claims(res)
   by = {r["victim"]: r for r in res["victims"]}
   q = {r["method"]: r for r in res["quality"]}
   kept = headline["learnt_regions"]
-  hallmark_max = float(config.protect.get("hallmark_max", 0.3))
   dropped = learnt_lib.not_learnt_text(headline["gate"])
   out = [f"Not learnt by the clean-trained victim, so no result: {dropped}. "
          + (f"Every Dice below averages {', '.join(kept)} only." if kept else
@@ -96,74 +92,67 @@ def findings(config, res, headline) -> list[str]:
          ] if dropped else []
   if not kept:
     return out
-  seeds = {m: [by[n]["dice_mean_mean"] for n in by if n == f"{m}/standard" or n.startswith(f"{m}/standard@seed=")]
-           for m in dict.fromkeys(["none"] + [n.split("/")[0] for n in by])}
-  spread = float(np.ptp(seeds["none"])) if len(seeds["none"]) > 1 else None
+  seeds = seed_runs(res["victims"])
   for r in (r for r in comp if r["family"] == "primary"):
     m = r["b"].split("/")[0]
-    within = (spread is not None and _verdict(r) != "no clear difference from the clean-trained victim"
-              and abs(r["mean_diff"]) <= spread)
+    verdict = claims[(m, "protected-data victim differs from the clean-trained one")]["verdict"]
+    spread = claims.get((m, "the difference exceeds the clean victim's seed-to-seed spread"))
     out.append(f"`{m}` (primary, n = {n} clean test cases, effective n {r['n_effective']}): victim Dice "
                f"{by[r['b']]['dice_mean_mean']:.3f} vs {by['none/standard']['dice_mean_mean']:.3f} clean-trained; "
                f"difference {r['mean_diff']:+.3f} (95 % CI {r['ci_low']:+.3f} to {r['ci_high']:+.3f}), Holm p = "
-               f"{tables.format_p(r['p_holm'])}: {_verdict(r)}"
-               + (f", but within the clean-trained victim's seed-to-seed spread ({spread:.3f}), so not attributable "
-                  "to the protection" if within else "")
+               f"{tables.format_p(r['p_holm'])}: {DIFFERENCE[verdict]}"
+               + (f", but within the clean-trained victim's seed-to-seed spread ({spread['threshold']:.3f}), so not "
+                  "attributable to the protection" if spread is not None and spread["verdict"] == "no" else "")
                + f". PSNR of the protected images {q[m]['psnr_mean']:.1f} +- {q[m]['psnr_sd']:.1f} dB.")
-  if spread is not None:
+  if len(seeds["none"]) > 1:
     runs = "; ".join(f"`{m}` " + ", ".join(f"{v:.3f}" for v in vals) for m, vals in seeds.items() if len(vals) > 1)
     out.append(f"Training-seed spread (standard victims retrained with other seeds on the same data): {runs}. The CIs "
                "above are over test cases for ONE training run each; differences of the size of this spread are "
                "run-to-run noise, not effects of a protection.")
+  unfit = lambda m: claims.get((m, "the protection converged"), {}).get("verdict") == "no"
   for r in (r for r in comp if r["family"] == "seed-averaged"):
-    ratio = hallmark(headline.get("protection_info", {}).get(r["b"].split("/")[0], {}))
+    m = r["b"].split("/")[0]
     out.append(f"Seed-averaged (exploratory): {r['comparison']}: difference {r['mean_diff']:+.3f} (95 % CI "
                f"{r['ci_low']:+.3f} to {r['ci_high']:+.3f}, p = {tables.format_p(r['p_value'])})"
-               + (f"; the protection did not converge (hallmark {ratio:.2f}), so this is no result about the method."
-                  if ratio is not None and ratio > hallmark_max else "."))
+               + (f"; the protection did not converge (hallmark {claims[(m, 'the protection converged')]['value']:.2f}), "
+                  "so this is no result about the method." if unfit(m) else "."))
   primary = {r["b"]: r for r in comp if r["family"] == "primary"}
   for r in (r for r in comp if r["family"] == "counter-measure"):
-    # The protection's effect is judged within a regime (clean- minus protected-trained, both under it): a
-    # counter-measure can also lower the clean victim, and then protected victims fall with it.
     m, regime = r["b"].split("/")
     std, own = primary.get(f"{m}/standard"), by[f"none/{regime}"]["dice_mean_mean"]
+    c = claims[(r["b"], "the protection survives the counter-measure")]
     cost = by["none/standard"]["dice_mean_mean"] - own
-    if std is None or not std["ci_low"] > 0:
-      verdict = "with no protection effect under standard training there is nothing for it to undo"
-    elif cost > COUNTER_COST_MAX:
-      verdict = (f"the counter-measure itself costs the clean victim {cost:.2f} Dice, so this row cannot tell "
-                 "whether the protection survives it")
-    elif r["ci_low"] > 0:
-      verdict = "the protection survives it"
-    else:
-      verdict = "no significant protection effect is left"
+    verdict = {"nothing to undo": "with no protection effect under standard training there is nothing for it to undo",
+               "counter-measure too costly": f"the counter-measure itself costs the clean victim {cost:.2f} Dice, so "
+                                             "this row cannot tell whether the protection survives it",
+               "survives": "the protection survives it",
+               "no effect left": "no significant protection effect is left"}[c["verdict"]]
     out.append(f"Counter-measure `{regime}` against `{m}` (exploratory, uncorrected): protection effect under it "
                f"{r['mean_diff']:+.3f} (CI {r['ci_low']:+.3f} to {r['ci_high']:+.3f}, p = "
                f"{tables.format_p(r['p_value'])})" + (f" vs {std['mean_diff']:+.3f} with standard training" if std
                                                       else "")
                + f"; clean-trained victim under it {own:.3f} (standard {by['none/standard']['dice_mean_mean']:.3f}): "
                f"{verdict}.")
-  if "umed/standard" in by:
-    r = next(r for r in comp if r["b"] == "umed/standard")
-    worked = r["ci_low"] > 0.05 and r["p_holm"] < 0.05
+  target = claims.get(("umed", "UMed makes the data unlearnable (the paper's claim)"))
+  if target is not None:
     cost = [x for x in comp if x["family"] == "counter-measure"]
-    if not worked and cost:
+    if target["verdict"] != "met" and cost:
       regimes = sorted({x["a"].split("/")[1] for x in cost})
       own = "; ".join(f"{g}: {by[f'none/{g}']['dice_mean_mean']:.3f}" for g in regimes if f"none/{g}" in by)
       out.append("With no protection effect to undo, the counter-measure rows measure the counter-measures' own "
                  f"cost: the clean-trained victim scores {by['none/standard']['dice_mean_mean']:.3f} with standard "
                  f"training and {own} under the counter-measures; protected-data victims under a counter-measure "
                  "track the clean-data victim under the same counter-measure (the 'counter-measure' family rows).")
-    ratio = hallmark(headline.get("protection_info", {}).get("umed", {}))
-    unfit = ratio is not None and ratio > hallmark_max
     out.insert(0, f"**UMed target check** (a UMed-protected victim clearly below the clean-trained one at PSNR >= 40 "
                   f"dB): Dice {by['umed/standard']['dice_mean_mean']:.3f} vs {by['none/standard']['dice_mean_mean']:.3f}"
                   f", PSNR {q['umed']['psnr_mean']:.1f} dB: "
-                  + ("MET." if worked and q["umed"]["psnr_mean"] >= 40 else
-                     f"NO RESULT: UMed did not converge here (hallmark {ratio:.2f}), so this run says nothing about "
-                     "whether UMed makes the data unlearnable; the paper's drop (82 % -> 7 %) is not reproduced." if unfit
-                     else "NOT MET: at this budget and training length the protection does not make the data "
-                     "unlearnable here; the paper's drop (82 % -> 7 %) is not reproduced."))
+                  + {"met": "MET.",
+                     "no result": f"NO RESULT: UMed did not converge here (hallmark "
+                                  f"{claims.get(('umed', 'the protection converged'), {}).get('value', float('nan')):.2f})"
+                                  ", so this run says nothing about whether UMed makes the data unlearnable; the "
+                                  "paper's drop (82 % -> 7 %) is not reproduced.",
+                     "not met": "NOT MET: at this budget and training length the protection does not make the data "
+                                "unlearnable here; the paper's drop (82 % -> 7 %) is not reproduced."}[target["verdict"]])
   out.extend(diagnosis(config, res, headline))
   out.append("Protections were trained and evaluated on the synthetic phantom, not BraTS: the numbers say whether "
              "the mechanism works on this data at this budget, not what it does on patients. One training run per "
@@ -300,7 +289,8 @@ def write_report(config, workdir, res, headline, phase_map: dict | None = None) 
   r.bullets(["`results/cells.csv`: every evaluation cell (victims on the test split; protection quality on the "
              "training split) as long-form rows.",
              "`results/victims.csv`, `results/quality.csv`, `results/comparisons.csv`, `results/per_case.csv`, "
-             "`results/headline.json`.",
+             "`results/headline.json`; `results/claims.csv`: every verdict worded above (claim, statistic, value, "
+             "threshold, verdict).",
              "`protect/<method>/`: the min-min and UMed fit runs; `models/<victim>/`: each victim's training run."])
   text = r.text()
   if phase_map is not None:
