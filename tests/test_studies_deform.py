@@ -10,6 +10,7 @@ import pytest
 
 from experiments.configs import reproduce as reproduce_config
 from mri_poison.studies import deform as study
+import rerender  # tests/rerender.py, beside this file
 
 
 def test_tiny_run_writes_cells_report_and_volumes_then_reuses_them(main_job_at_test_size, tmp_path):
@@ -49,15 +50,9 @@ def test_tiny_run_writes_cells_report_and_volumes_then_reuses_them(main_job_at_t
 def test_report_renders_again_from_the_result_files_alone(main_job_at_test_size, tmp_path):
   """render rebuilds report.md from results/ and config.json alone: the same text, with no model or cell table in
   reach (they are left out of the copy); a missing result file is named."""
-  finished = os.path.join(main_job_at_test_size[0], "deform")
-  workdir = str(tmp_path / "wd")
-  shutil.copytree(finished, workdir, ignore=shutil.ignore_patterns("models", "cells.csv"))
-  os.remove(os.path.join(workdir, "report.md"))
-  assert study.render(workdir) == os.path.join(workdir, "report.md")
-  assert open(os.path.join(workdir, "report.md")).read() == open(os.path.join(finished, "report.md")).read()
-  os.remove(os.path.join(workdir, "results", "comparisons.csv"))
-  with pytest.raises(FileNotFoundError, match="comparisons.csv"):
-    study.render(workdir)
+  finished, workdir = os.path.join(main_job_at_test_size[0], "deform"), str(tmp_path / "wd")
+  rerender.check(study.render, finished, workdir, leave_out=shutil.ignore_patterns("models", "cells.csv"),
+                 missing="comparisons.csv")
 
 
 def test_the_generators_claims_are_rows_with_their_statistic_and_verdict():
@@ -75,3 +70,15 @@ def test_the_generators_claims_are_rows_with_their_statistic_and_verdict():
   rising = {r["claim"]: r for r in evaluation.claim_rows(config, gen((0.05, 0.15)), [])}
   assert rising["generator follows Delta"]["verdict"] and not rising["generator beats random fields"]["verdict"]
   assert evaluation.claim_rows(config, gen((0.05,)), versus_random) == []  # one Delta: nothing to claim
+
+
+def test_generator_extra_cases_only_from_the_phantom_and_its_delta_range_checked():
+  from mri_poison.studies.deform import study as study_lib
+  from mri_poison.studies.deform import training
+  config = reproduce_config.get_config("test").deform
+  assert training.extra_generator_cases(config) == 2
+  config.data.source = "brats"
+  assert training.extra_generator_cases(config) == 0 and training.generator_cases(config, config.data) == []
+  config.generator.delta_range = (0.3, 0.1)
+  with pytest.raises(ValueError, match=r"generator.delta_range=\(0.3, 0.1\)"):
+    study_lib._check_config(config)

@@ -19,6 +19,7 @@ from mri_poison.studies import robustify
 from mri_poison.studies.robustify import evaluation
 from mri_poison.studies.robustify import study as study_lib
 from mri_poison.train import workdir as workdir_lib
+import rerender  # tests/rerender.py, beside this file
 
 
 def _splits(config):
@@ -281,17 +282,13 @@ def test_report_renders_again_from_the_result_files_alone(finished_study, tmp_pa
   import subprocess
   import sys
   _, _, finished, _ = finished_study
-  workdir = str(tmp_path / "study")
-  shutil.copytree(finished, workdir, ignore=shutil.ignore_patterns("models", "cells.csv"))
-  written = open(os.path.join(finished, "report.md")).read()
-  os.remove(os.path.join(workdir, "report.md"))
-  out = subprocess.run([sys.executable, "-m", "experiments.render", "--workdir", workdir], capture_output=True,
-                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
-  assert "report.md" in out.stdout
-  assert open(os.path.join(workdir, "report.md")).read() == written
-  os.remove(os.path.join(workdir, "results", "summary.csv"))
-  with pytest.raises(FileNotFoundError, match="summary.csv"):
-    robustify.render(workdir)
+  def command_line(workdir):
+    out = subprocess.run([sys.executable, "-m", "experiments.render", "--workdir", workdir], capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+    assert "report.md" in out.stdout
+
+  rerender.check(robustify.render, finished, str(tmp_path / "study"), rerender=command_line,
+                 leave_out=shutil.ignore_patterns("models", "cells.csv"), missing="summary.csv")
 
 
 def test_array_shares_compute_the_cells_and_a_last_run_reports(finished_study, tmp_path):

@@ -9,7 +9,7 @@ Any field can be overridden, e.g. --config.attack.deltas='(0.1,0.2)' --config.de
 Outputs: workdir/report.md (start there), results/*.csv, figures/*.png, volumes/*.nii.gz, models/*.
 
 Variants:
-  runlocal  CPU, about 3 min on 2 cores: 2D arm only (24^2 phantom slices, 12 held-out cases), short training.
+  runlocal  CPU, about 4 min on 2 cores: 2D arm only (24^2 phantom slices, 12 held-out cases), short training.
   phantom   (default) CPU, ~10 min on 2 cores: 2D arm (24 held-out phantom cases, one slice each: undefended
             and augmentation-defended U-Nets, per-case attack, generator, random fields, i-FGSM/PGD) and a
             small 3D arm (16^3 volumes, 20 held-out cases, undefended U-Net: per-case attack, generator, random).
@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.arm2d = _arm("2d", (24, 24, 24), (24, 24), 8, (8, 16, 32), 300, 3e-3)
   config.arm3d = _arm("3d", (16, 16, 16), (16, 16, 16), 2, (8, 16, 32), 200, 3e-3)
   config.arm3d.update(dict(n_cases=40, n_val=20))  # arm-specific split sizes (0/absent: config.data's)
+  config.arm2d.generator_steps = 900  # 150-600 left the generator weaker than random fields (RESULTS.md 2026-12-08)
   config.arm2d.update(dict(n_cases=0, n_val=0))
 
   config.deform = deform.default_config()  # the transformation, budgets and objective (defaults chosen here)
@@ -69,7 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed=0))
   config.generator = ml_collections.ConfigDict(dict(
       enabled=True,  # train G(x, Delta) -> control points against the frozen undefended model
-      features=(16, 32), lr=2e-3,
+      features=(16, 32), lr=1e-2,
+      gate=True,  # outputs scaled by a learnt strength increasing in Delta (without it, Delta was ignored)
+      delta_range=(0.05, 0.35),  # training Deltas ~ U(low, high); () = the range of attack.deltas
+      extra_cases=48,  # the attacker's own phantom cases, besides the training split (used when data.source=phantom)
+      extra_seed=1000,  # they are built from seeds data.seed + extra_seed + i, disjoint from the study's cases
       arms=("2d", "3d")))
   config.defence = deform_augment.default_config()  # adversarial deformation augmentation (batch_transform)
   config.defence.update(dict(
@@ -87,7 +92,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 600 segmenter steps: at 150 the 2D victim learnt the whole tumour but no core (main job TC 0.006); a 2D
     # U-Net on the same 24 x 24 slices learns TC and ET within 400 (study 4's victim).
     config.arm2d.train.steps = 600
-    config.arm2d.generator_steps = 150
     config.deform.steps = 60
     config.attack.deltas = (0.1, 0.2)
     config.attack.eps = (0.3,)

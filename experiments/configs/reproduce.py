@@ -127,6 +127,7 @@ def _toy_sizes(config) -> None:
   d.arm2d.model.features = (8, 16)
   d.arm2d.train.update(dict(steps=12, log_every=100, ckpt_every=100))
   d.arm2d.generator_steps = 6
+  d.generator.extra_cases = 2
   d.deform.steps = 8
   d.attack.update(dict(deltas=(0.1,), eps=(0.3,), gradient_attacks=("pgd",), gradient_steps=2))
   d.defence.arms = ()  # the defence's transform is tested in tests/test_attacks_deform.py

@@ -6,6 +6,11 @@ generator serves every Delta), pools to the control-point grids and outputs the 
 "bias" (B, *Gb, Cb) squashed into [-1, 1] (tanh), so every output respects the budgets whatever the weights. The generator has no additive term (the
 per-case attack's optional `add` is left out of this mode).
 Heads start at zero: an untrained generator is the identity transformation. 2D and 3D (from the input rank).
+
+With `gate` the outputs are scaled per example by a learnt strength sigmoid(softplus(w) Delta + b), increasing in
+Delta by construction (a scale in [0, 1] keeps the budgets). Why: the Delta channel alone was ignored in training
+(every Delta got the same field, experiments/bench/RESULTS.md 2026-12-08); the gate gives the generator one
+monotone knob from Delta to the field's size.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class DeformGenerator(nn.Module):
   bias_grid: int = 3
   bias_channels: int = 1
   features: Sequence[int] = (16, 32)
+  gate: bool = False
 
   @nn.compact
   def __call__(self, x, delta):
@@ -52,11 +58,15 @@ class DeformGenerator(nn.Module):
     disp = v / jnp.sqrt(1.0 + jnp.sum(jnp.square(v), axis=-1, keepdims=True))
     bias = jnp.tanh(Conv(int(self.bias_channels), (3,) * d, kernel_init=nn.initializers.zeros,
                             name="bias_head")(pool(self.bias_grid, "bias_mix")))
+    if self.gate:  # initial strength sigmoid(10 Delta - 1.5): 0.38 at Delta 0.1, 0.82 at 0.3
+      slope = jax.nn.softplus(self.param("gate_w", nn.initializers.constant(10.0), ()))
+      g = jax.nn.sigmoid(slope * delta + self.param("gate_b", nn.initializers.constant(-1.5), ()))
+      disp, bias = (t * g.reshape((-1,) + (1,) * (t.ndim - 1)) for t in (disp, bias))
     return {"disp": disp, "bias": bias}
 
 
 def make_generator(gen_cfg, deform_settings, channels: int) -> DeformGenerator:
-  """The generator for a deformation config (its grids and bias channels) and `gen_cfg.features`."""
+  """The generator for a deformation config (its grids and bias channels), `gen_cfg.features` and `.gate`."""
   return DeformGenerator(grid=int(deform_settings.grid), bias_grid=int(deform_settings.bias_grid),
                          bias_channels=channels if deform_settings.bias_channels == "per_channel" else 1,
-                         features=tuple(int(f) for f in gen_cfg.features))
+                         features=tuple(int(f) for f in gen_cfg.features), gate=bool(gen_cfg.get("gate", False)))

@@ -175,7 +175,9 @@ def _findings(config, summary, comparisons, claims, gates=None) -> list[str]:
 
 
 def write_report(config, workdir, summary, comparisons, claims, headline, examples, figs) -> None:
-  d, df = config.data, config.deform
+  d, df, g = config.data, config.deform, config.generator
+  rng = tuple(g.get("delta_range", ())) or (min(config.attack.deltas), max(config.attack.deltas))
+  delta_range = f"({float(rng[0]):g}, {float(rng[1]):g})"
   r = markdown.Report("Study 3: learned deformation-and-appearance attack on a segmenter")
   r.paragraph(
       "Reconstruction of Chen et al. (SASHIMI 2019): adversarial examples made of a smooth deformation and a smooth "
@@ -207,8 +209,12 @@ def write_report(config, workdir, summary, comparisons, claims, headline, exampl
       f"Threats: `deform` at Delta in {tuple(config.attack.deltas)}; `deform_max` (hinge to Dice 0 for all steps: "
       "the largest drop within the budgets); `random`: random fields at the full budgets (every control vector at "
       "the displacement budget in a random direction, every bias control point at +-budget); `generator`: "
-      f"G(x, Delta) (features {tuple(config.generator.features)}, trained with `train.fit` over the training split "
-      "against the frozen undefended model, Delta ~ U over the grid), applied to the unseen held-out cases in one "
+      f"G(x, Delta) (features {tuple(config.generator.features)}, trained with `train.fit` over the training split"
+      + (f" and {headline['generator_extra_cases']} more phantom cases of the attacker's own"
+         if headline.get("generator_extra_cases") else "")
+      + f" against the frozen undefended model, Adam lr {float(g.lr):g}, Delta ~ U{delta_range}"
+      + (", its output scaled by a learnt strength increasing in Delta" if g.get("gate", False) else "")
+      + "), applied to the unseen held-out cases in one "
       f"forward pass; study 2's {tuple(config.attack.gradient_attacks)} (CE, L-inf, brain voxels, "
       f"{int(config.attack.gradient_steps)} steps of {float(config.attack.step_frac):g} eps) at eps "
       f"{tuple(config.attack.eps)}.",

@@ -48,6 +48,9 @@ def _check_config(config) -> None:
   eps = tuple(float(e) for e in config.attack.eps)
   if config.attack.gradient_attacks and (not eps or min(eps) <= 0):
     raise ValueError(f"config attack.eps={eps}: expected positive budgets")
+  delta_range = tuple(float(d) for d in config.generator.get("delta_range", ()))
+  if delta_range and (len(delta_range) != 2 or not 0 <= delta_range[0] < delta_range[1] < 1):
+    raise ValueError(f"config generator.delta_range={delta_range}: expected (low, high) with 0 <= low < high < 1")
   deform.settings(config.deform)  # raises naming the bad deform.* key
 
 
@@ -111,6 +114,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     io_utils.write_csv(os.path.join(results, "gate.csv"), [dict(arm=a, **g) for a in gates for g in gates[a]])
     headline = _headline(config, summary, comparisons, timings, t_start)
     headline["gate"] = gates
+    headline["generator_extra_cases"] = training.extra_generator_cases(config)
     io_utils.write_json(os.path.join(results, "headline.json"), headline)
     if workdir_lib.is_writer():  # the report from the files just written, as `render` writes it again
       render(workdir)

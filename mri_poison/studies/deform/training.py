@@ -97,6 +97,25 @@ def _generator_step(gen_model, seg_apply, s: deform.Settings, deltas: tuple, lr:
   return tx, deform.generator_step(lambda p, x, d: gen_model.apply({"params": p}, x, d), seg_apply, tx, s, deltas)
 
 
+def extra_generator_cases(config) -> int:
+  """How many phantom cases of the attacker's own the generator also trains on: config generator.extra_cases when
+  the study's data is the phantom (other data has no such supply: 0, and the report's protocol says so)."""
+  return int(config.generator.get("extra_cases", 0)) if str(config.data.source) == "phantom" else 0
+
+
+def generator_cases(config, data_cfg) -> list:
+  """The extra cases (`extra_generator_cases`), built from seeds data.seed + generator.extra_seed + i: disjoint
+  from the study's cases. Why: trained on the 12 training cases alone, the generator's Delta-dependence did not
+  transfer to unseen cases (RESULTS.md 2026-12-08)."""
+  n = extra_generator_cases(config)
+  if not n:
+    return []
+  from mri_poison.data.datasets import load_splits
+  extra = copy.deepcopy(data_cfg)
+  extra.update(dict(seed=int(data_cfg.seed) + int(config.generator.extra_seed), n_cases=n, n_val=0))
+  return list(load_splits(extra)["train"])
+
+
 def train_generator(config, workdir: str, arm: str, train_cases, seg_params):
   """G(x, Delta) of one arm trained with `train.fit` against the frozen undefended model; returns its params."""
   from mri_poison.data.pipeline import train_iterator
@@ -108,7 +127,7 @@ def train_generator(config, workdir: str, arm: str, train_cases, seg_params):
   n_channels = len(tuple(sub.data.modalities))
   gen_model = deform_models.make_generator(config.generator, s, n_channels)
   seg_apply = state_lib.make_apply_fn(state_lib.make_model(sub.model))
-  deltas = tuple(float(d) for d in config.attack.deltas)
+  deltas = tuple(float(d) for d in (config.generator.get("delta_range") or config.attack.deltas))
   tx, step = _generator_step(gen_model, seg_apply, s, deltas, float(config.generator.lr))
   steps = int(config[f"arm{arm}"].generator_steps)
   fit_cfg = ml_collections.ConfigDict()
@@ -124,6 +143,7 @@ def train_generator(config, workdir: str, arm: str, train_cases, seg_params):
   state = parts.init_state({"gen": parts.make_part(params, tx)}, rng)
   path = os.path.join(workdir, "models", f"{arm}_generator")
   logging.info("deform: training the %s generator in %s", arm, path)
-  data = lambda: train_iterator(train_cases, sub.data, seed=int(sub.train.seed) + 1)
+  cases = list(train_cases) + generator_cases(config, sub.data)
+  data = lambda: train_iterator(cases, sub.data, seed=int(sub.train.seed) + 1)
   final = fit(fit_cfg, path, init_state=state, step_fn=step, data=data, step_args=(seg_params,))
   return gen_model, final["gen"]["params"]
