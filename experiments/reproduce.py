@@ -1,6 +1,6 @@
 r"""The main job: the four studies at small scale on the embedded phantom, summarised in one report.md.
 
-  python -m experiments.reproduce                      # writes runs/reproduce/report.md (~16 min on 2 CPU cores)
+  python -m experiments.reproduce                      # writes runs/reproduce/report.md (~18 min on 2 CPU cores)
   python -m experiments.reproduce --config experiments/configs/reproduce.py:test --workdir /tmp/reproduce_test
 See experiments/configs/reproduce.py for the variants and overrides.
 """

@@ -10,7 +10,7 @@ Any study setting can be overridden under its stage name, e.g. --config.poison.s
 Outputs: workdir/report.md (start there), workdir/<stage>/ (each study's own workdir and report).
 
 Variants:
-  phantom  (default) CPU, about 16 min on 2 cores (two stages at a time): each study's `runlocal` variant on the
+  phantom  (default) CPU, about 18 min on 2 cores (two stages at a time): each study's `runlocal` variant on the
            embedded phantom, with n = 20 held-out cases in every study (32 in study 1, so that >= 20 contain ET).
   test     CPU, about 4 minutes (218 s on 2 cores): every study at toy size (the pipeline test and the end-to-end
            tests of studies 2 and 3 read this run; numbers mean little).
