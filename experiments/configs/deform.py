@@ -10,7 +10,7 @@ Outputs: workdir/report.md (start there), results/*.csv, figures/*.png, volumes/
 
 Variants:
   runlocal  CPU, about 4 min on 2 cores: 2D arm only (24^2 phantom slices, 12 held-out cases), short training.
-  phantom   (default) CPU, ~10 min on 2 cores: 2D arm (24 held-out phantom cases, one slice each: undefended
+  phantom   (default) CPU, ~14 min on 2 cores: 2D arm (24 held-out phantom cases, one slice each: undefended
             and augmentation-defended U-Nets, per-case attack, generator, random fields, i-FGSM/PGD) and a
             small 3D arm (16^3 volumes, 20 held-out cases, undefended U-Net: per-case attack, generator, random).
   brats     GPU: BraTS folder at --config.data.root; 2D arm on 128^2 slices and 3D arm on 128^3 volumes.
