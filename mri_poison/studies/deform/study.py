@@ -92,7 +92,9 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
         cells = ev.make_cells(config, arm, victim, digest, data, extra)
         cells_by_victim[f"{arm}/{victim}"] = cells
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(int(config.attack.seed)), ai), vi)
-        n = ev.evaluate(table, cells, apply_fn, params, data, config, key,
+        progress = common.Progress(len(table.missing(cells.values())), name=f"deform eval {arm}/{victim}",
+                                   unit="cells")  # a 3D per-case attack cell takes minutes on a CPU
+        n = ev.evaluate(table, cells, apply_fn, params, data, config, key, progress=progress,
                         generator=generator if victim == "undefended" else None)
         logging.info("deform: %s/%s: %d of %d cells computed", arm, victim, n, len(cells))
       gates[arm] = _gate(config, apply_fn, victims["undefended"], data, sp["train"])
