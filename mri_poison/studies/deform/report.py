@@ -180,8 +180,7 @@ def _findings(config, summary, comparisons, claims, gates=None) -> list[str]:
 
 def write_report(config, workdir, summary, comparisons, claims, headline, examples, figs) -> None:
   d, df, g = config.data, config.deform, config.generator
-  rng = tuple(g.get("delta_range", ())) or (min(config.attack.deltas), max(config.attack.deltas))
-  delta_range = f"({float(rng[0]):g}, {float(rng[1]):g})"
+  delta_range = "({:g}, {:g})".format(*headline["generator_delta_range"])
   r = markdown.Report("Study 3: learned deformation-and-appearance attack on a segmenter")
   r.paragraph(
       "Reconstruction of Chen et al. (SASHIMI 2019): adversarial examples made of a smooth deformation and a smooth "

@@ -117,6 +117,7 @@ def run(config, workdir: str, *, splits: dict | None = None) -> dict:
     headline = _headline(config, summary, comparisons, timings, t_start)
     headline["gate"] = gates
     headline["generator_extra_cases"] = training.extra_generator_cases(config)
+    headline["generator_delta_range"] = list(training.generator_delta_range(config))
     io_utils.write_json(os.path.join(results, "headline.json"), headline)
     if workdir_lib.is_writer():  # the report from the files just written, as `render` writes it again
       render(workdir)

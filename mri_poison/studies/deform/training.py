@@ -97,6 +97,12 @@ def _generator_step(gen_model, seg_apply, s: deform.Settings, deltas: tuple, lr:
   return tx, deform.generator_step(lambda p, x, d: gen_model.apply({"params": p}, x, d), seg_apply, tx, s, deltas)
 
 
+def generator_delta_range(config) -> tuple[float, float]:
+  """(low, high) of the Deltas the generator trains on: generator.delta_range, () = the range of attack.deltas."""
+  rng = tuple(float(d) for d in (config.generator.get("delta_range") or config.attack.deltas))
+  return min(rng), max(rng)
+
+
 def extra_generator_cases(config) -> int:
   """How many phantom cases of the attacker's own the generator also trains on: config generator.extra_cases when
   the study's data is the phantom (other data has no such supply: 0, and the report's protocol says so)."""
@@ -127,7 +133,7 @@ def train_generator(config, workdir: str, arm: str, train_cases, seg_params):
   n_channels = len(tuple(sub.data.modalities))
   gen_model = deform_models.make_generator(config.generator, s, n_channels)
   seg_apply = state_lib.make_apply_fn(state_lib.make_model(sub.model))
-  deltas = tuple(float(d) for d in (config.generator.get("delta_range") or config.attack.deltas))
+  deltas = generator_delta_range(config)
   tx, step = _generator_step(gen_model, seg_apply, s, deltas, float(config.generator.lr))
   steps = int(config[f"arm{arm}"].generator_steps)
   fit_cfg = ml_collections.ConfigDict()
